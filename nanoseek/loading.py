@@ -1,0 +1,37 @@
+"""`nanoseek.load`: any supported model source -> (Transformer, Tokenizer)."""
+
+import os
+from pathlib import Path
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.checkpoint.hf import build_model, load_hf, PRECISIONS
+from nanoseek.checkpoint.hub import resolve
+
+
+def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp32"):
+    """Load a model and its tokenizer.
+
+    path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
+    Hugging Face repo id (downloaded when a network allows), or None for the embedded
+    default (SmolLM2-135M-Instruct). precision: fp32 | bf16.
+    """
+    if precision not in PRECISIONS:
+        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join(PRECISIONS)})")
+    path = resolve(path_or_repo_id)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise NanoseekError(f"{path}: expected a .gguf file or a checkpoint directory")
+        from nanoseek.checkpoint.gguf import read_gguf
+        hf_config, tensors, tokenizer = read_gguf(path)
+        cfg = ModelConfig.from_hf(hf_config, source=str(path))
+        model = build_model(cfg, ((name, t, path) for name, t in tensors.items()), precision, str(path))
+    else:
+        model = load_hf(path, precision)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from nanoseek.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_dir(path)
+    if tokenizer is not None and not model.config.eos_token_id:
+        model.config.eos_token_id = list(tokenizer.eos_token_ids)
+    return model, tokenizer

@@ -1,0 +1,95 @@
+"""The nanoseek decoder: embeddings -> N x (attention + FFN/MoE, pre-norm residual) -> logits.
+
+Module names follow the Hugging Face checkpoints (`layers.3.self_attn.q_proj`, ...) so a
+state dict maps to a checkpoint by adding the `model.` prefix, nothing more.
+"""
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import GQA, MLA
+from nanoseek.model.layers import MLP, RMSNorm, RotaryEmbedding
+from nanoseek.model.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_id) if cfg.attn_type == "mla" else GQA(cfg, layer_id)
+        self.mlp = MoE(cfg) if cfg.layer_is_moe(layer_id) else MLP(cfg.dim, cfg.inter_dim)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """input_ids [B,T] -> final-norm hidden states [B,T,dim].
+
+        positions [B,T] default to 0..T-1; a cache context (which stores the new keys/values
+        and attends over the cached prefix too) needs them given.
+        """
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> fp32 logits (sampling and losses want fp32 whatever the weights)."""
+        return self.lm_head(h).float()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab] (fp32)."""
+        return self.logits(self.hidden_states(input_ids, positions, cache))
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random init for training from scratch (normal(0, std) matrices, unit norms, zero biases)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in self.modules():
+            if getattr(m, "e_score_correction_bias", None) is not None:
+                m.e_score_correction_bias.zero_()
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save(self, path, tokenizer=None):
+        """Write an HF-compatible checkpoint (config.json + model.safetensors), atomically."""
+        from nanoseek.checkpoint.hf import save_hf
+        save_hf(self, path, tokenizer)
