@@ -1,0 +1,282 @@
+"""The inference engine: continuous batching under a token budget over a paged KV cache.
+
+Every `step()`:
+  1. schedule: running sequences first (a decode needs 1 token, an unfinished prefill the
+     rest of its prompt), then waiting ones in arrival order, until `max_batch_tokens` or
+     `max_num_seqs` is reached; a prompt that does not fit the remaining budget is chunked.
+     When the KV pool runs dry, the newest running sequence is preempted (its blocks
+     freed, recomputed later from prompt + output so far); nothing is dropped.
+  2. run the model once over all scheduled tokens, flattened into one row;
+  3. sample a token for every sequence whose scheduled tokens reached its end, apply stop
+     rules, and report new text.
+Requests may be added or aborted between steps.
+"""
+
+import itertools
+import time
+from collections import deque
+
+import torch
+
+from nanoseek.engine.block_manager import BlockManager
+from nanoseek.engine.metrics import EngineMetrics
+from nanoseek.engine.outputs import CompletionOutput, RequestOutput
+from nanoseek.engine.paged_attention import PagedAttention, PagedKVCache, kv_bytes_per_token
+from nanoseek.errors import NanoseekError
+from nanoseek.sampling import SamplingParams, apply_penalties, sample_row, top_logprobs
+
+
+class Sequence:
+    """One sample of one request: prompt + output tokens and its place in the KV cache."""
+
+    def __init__(self, request_id, index, prompt_ids, params: SamplingParams, arrival):
+        self.request_id, self.index, self.params = request_id, index, params
+        self.prompt_ids, self.output_ids = list(prompt_ids), []
+        self.table, self.hashes, self.num_computed = [], [], 0
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+        self.arrival, self.first_token_time, self.last_token_time = arrival, None, None
+        self.text, self.finish_reason, self.stop_reason = "", None, None
+        self.logprobs = [] if params.logprobs is not None else None
+        self.cached_tokens = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Request:
+    def __init__(self, request_id, prompt, prompt_ids, seqs):
+        self.request_id, self.prompt, self.prompt_ids, self.seqs = request_id, prompt, prompt_ids, seqs
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch_tokens: int = 4096, max_num_seqs: int = 256,
+                 kv_cache_gib: float | None = 1.0, num_blocks: int | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        if num_blocks is None:
+            per_block = kv_bytes_per_token(cfg, model.dtype) * block_size
+            # never more than every sequence at full context could use
+            cap = max_num_seqs * -(-cfg.max_seq_len // block_size)
+            num_blocks = max(min(int(kv_cache_gib * 2**30 // per_block), cap), 1)
+        self.max_batch_tokens, self.max_num_seqs, self.block_size = max_batch_tokens, max_num_seqs, block_size
+        self.max_model_len = cfg.max_seq_len
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, model.dtype, model.device)
+        eos = set(cfg.eos_token_id)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_ids = eos
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.metrics = EngineMetrics()
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise NanoseekError(f"request {request_id!r}: id already in use")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise NanoseekError("a text prompt needs a tokenizer; pass token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if not ids:
+            raise NanoseekError(f"request {request_id!r}: empty prompt")
+        vocab = self.model.config.vocab_size
+        if any(not (0 <= t < vocab) for t in ids):
+            raise NanoseekError(f"request {request_id!r}: prompt token ids must be in [0, {vocab})")
+        limit = min(self.max_model_len, self.blocks.num_blocks * self.block_size)
+        if len(ids) + params.max_tokens > limit:
+            raise NanoseekError(f"request {request_id!r}: prompt ({len(ids)} tokens) + max_tokens "
+                                f"({params.max_tokens}) = {len(ids) + params.max_tokens} exceeds the "
+                                f"context limit of {limit} tokens")
+        now = time.monotonic()
+        seqs = [Sequence(request_id, i, ids, params, now) for i in range(params.n)]
+        self.requests[request_id] = Request(request_id, text, ids, seqs)
+        self.waiting.extend(seqs)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request at any point; its KV blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for s in req.seqs:
+            if s in self.running:
+                self.running.remove(s)
+            elif s in self.waiting:
+                self.waiting.remove(s)
+            self.blocks.release(s.table)
+            if not s.finished:
+                s.finish_reason = "abort"
+        self.metrics.requests_aborted += 1
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling -----------------------------------------------------------------------
+    def _preempt(self, seq: Sequence):
+        self.blocks.release(seq.table)
+        seq.hashes.clear()
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.metrics.preemptions += 1
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        budget, scheduled, preempted = self.max_batch_tokens, [], False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.allocate(seq.table, seq.num_computed + n):
+                victim = self.running.pop()  # newest first: oldest requests keep making progress
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.table:
+                seq.num_computed, seq.hashes = self.blocks.match_prefix(seq.tokens, seq.table)
+                seq.cached_tokens = seq.num_computed
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.allocate(seq.table, seq.num_computed + n):
+                self.blocks.release(seq.table)  # give back prefix hits too; retried next step
+                seq.hashes, seq.num_computed = [], 0
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    # ---- one step -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        ids, pos, ctx, rows, to_sample = [], [], [], [], []
+        for seq, n in scheduled:
+            start = seq.num_computed
+            ids.extend(seq.tokens[start:start + n])
+            pos.extend(range(start, start + n))
+            ctx.append((seq.table, start, n))
+            if start + n == seq.num_tokens:
+                rows.append(len(ids) - 1)
+                to_sample.append(seq)
+        dev = self.model.device
+        attn = PagedAttention(self.cache, ctx)
+        h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), attn)
+        logits = self.model.logits(h[0, rows]) if rows else None
+        for seq, n in scheduled:
+            if seq.num_computed < len(seq.prompt_ids):
+                self.metrics.prompt_tokens += min(n, len(seq.prompt_ids) - seq.num_computed)
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq.tokens, seq.table, seq.hashes, seq.num_computed)
+        now = time.monotonic()
+        touched = {}
+        for row, seq in enumerate(to_sample):
+            self._append_token(seq, logits[row], now)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        for seq in [s for s in self.running if s.finished]:
+            self.running.remove(seq)
+            self.blocks.release(seq.table)
+        outs = []
+        for rid, req in touched.items():
+            outs.append(self._output(req))
+            if req.finished:
+                del self.requests[rid]
+                self.metrics.requests_finished += 1
+                self.metrics.e2e.observe(now - req.seqs[0].arrival)
+        return outs
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor, now: float):
+        p = seq.params
+        logits = logits.clone()
+        raw = logits if seq.logprobs is None else logits.clone()
+        apply_penalties(logits, p, seq.prompt_ids, seq.output_ids)
+        if len(seq.output_ids) < p.min_tokens:  # nothing may end the sequence yet
+            banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
+            logits[banned] = float("-inf")
+        token = sample_row(logits, p, seq.generator)
+        seq.output_ids.append(token)
+        self.metrics.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        if seq.logprobs is not None:
+            lp, top = top_logprobs(raw, token, p.logprobs)
+            seq.logprobs.append({"token_id": token, "logprob": lp, "top": top})
+        self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int):
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            seq.finish_reason, seq.stop_reason = "stop", token
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            for s in p.stop:
+                at = seq.text.find(s)
+                if at >= 0:
+                    seq.text = seq.text[:at]
+                    seq.finish_reason, seq.stop_reason = "stop", s
+                    break
+        if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text safe to show now: never half a UTF-8 character, never a possible stop-string prefix."""
+        if seq.finished:
+            return seq.text
+        text = seq.text.rstrip("\ufffd")
+        for s in seq.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    text = text[:-k]
+                    break
+        return text
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, self._visible_text(s), list(s.output_ids), s.finish_reason,
+                                 s.logprobs, s.stop_reason) for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished,
+                             req.seqs[0].cached_tokens)
+
+    # ---- observability --------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "queue_length": len(self.waiting), "running": len(self.running),
+            "kv_blocks_used": self.blocks.num_used, "kv_blocks_free": self.blocks.num_free,
+            "prefix_hit_rate": self.blocks.hit_rate, "preemptions": self.metrics.preemptions,
+            "prompt_tokens": self.metrics.prompt_tokens, "generation_tokens": self.metrics.generation_tokens,
+        }

@@ -1,0 +1,93 @@
+"""The paged KV cache tensors and the attention context the model calls during a step.
+
+Storage per layer: k [num_blocks, block_size, Hkv, Dk] (+ v likewise). MLA stores one
+latent "head" (kv_lora_rank + rope dims) and no v: its values are the latent's first
+kv_lora_rank channels (see nanoseek/model/attention.py).
+
+A step flattens all scheduled tokens into one row [1, N]. Decoding sequences (one new
+token each) are attended in one batched call over their gathered, padded blocks; prefill
+chunks are attended one sequence at a time with a causal mask offset by what is cached.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.config import ModelConfig
+
+
+def kv_entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    if cfg.attn_type == "mla":
+        return (1, cfg.kv_lora_rank + cfg.qk_rope_head_dim), None
+    return (cfg.n_kv_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    k, v = kv_entry_shapes(cfg)
+    per_layer = k[0] * k[1] + (v[0] * v[1] if v else 0)
+    return per_layer * cfg.n_layers * torch.finfo(dtype).bits // 8
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
+        kshape, vshape = kv_entry_shapes(cfg)
+        self.block_size = block_size
+        self.k = [torch.zeros(num_blocks, block_size, *kshape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(num_blocks, block_size, *vshape, dtype=dtype, device=device) if vshape else None
+                  for _ in range(cfg.n_layers)]
+
+
+class PagedAttention:
+    """Attention context for one engine step.
+
+    seqs: one (block_table, num_cached, num_new) per scheduled sequence, in the order their
+    tokens appear in the flattened batch.
+    """
+
+    def __init__(self, cache: PagedKVCache, seqs: list[tuple[list[int], int, int]]):
+        self.cache = cache
+        bs = cache.block_size
+        slots, self.decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
+        row = 0
+        for table, cached, new in seqs:
+            for p in range(cached, cached + new):
+                slots.append(table[p // bs] * bs + p % bs)
+            if new == 1 and cached > 0:
+                self.decode_rows.append(row)
+                decode_tables.append(table)
+                decode_lens.append(cached + 1)
+            else:
+                self.prefills.append((row, new, cached, torch.tensor(table)))
+            row += new
+        self.slots = torch.tensor(slots)
+        if self.decode_rows:
+            width = max(len(t) for t in decode_tables)
+            self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            lens = torch.tensor(decode_lens)
+            self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+            self.decode_rows = torch.tensor(self.decode_rows)
+
+    def attend(self, layer, q, k, v, scale, v_dim):
+        q, k = q[0], k[0]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc.view(-1, *kc.shape[2:])[self.slots] = k
+        if vc is not None:
+            vc.view(-1, *vc.shape[2:])[self.slots] = v[0]
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+        gqa = kc.shape[2] != q.shape[1]
+        if len(self.decode_rows):
+            B = len(self.decode_rows)
+            K = kc[self.decode_tables].flatten(1, 2)            # [B, L, Hkv, Dk]
+            V = vc[self.decode_tables].flatten(1, 2) if vc is not None else K[..., :v_dim]
+            qd = q[self.decode_rows].unsqueeze(2)               # [B, H, 1, Dk]
+            o = F.scaled_dot_product_attention(qd, K.transpose(1, 2), V.transpose(1, 2),
+                                               attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+            out[self.decode_rows] = o.view(B, q.shape[1], v_dim)
+        for row, new, cached, table in self.prefills:
+            total = cached + new
+            K = kc[table].flatten(0, 1)[:total]                 # [L, Hkv, Dk]
+            V = vc[table].flatten(0, 1)[:total] if vc is not None else K[..., :v_dim]
+            mask = torch.ones(new, total, dtype=torch.bool).tril(diagonal=cached)
+            o = F.scaled_dot_product_attention(q[row:row + new].transpose(0, 1), K.transpose(0, 1),
+                                               V.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=gqa)
+            out[row:row + new] = o.transpose(0, 1)
+        return out.unsqueeze(0)
