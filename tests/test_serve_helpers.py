@@ -6,18 +6,44 @@
 - ScriptedModel: a stand-in model whose greedy output is a fixed script, for exact-output
   tests (reasoning tags split across stream chunks, stop strings).
 - LiveServer: uvicorn on a free loopback port in a thread, for real HTTP clients.
+- LAUNCHER: a script running the real `nanoseek serve` CLI in a child process with the
+  tiny model, for tests that need a process of its own (signals, RSS).
 """
 
 import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A `nanoseek serve` process (the real CLI -> uvicorn) whose model loader is replaced by a tiny
+# random model: SERVE_TEST_LOAD_DELAY / _STEP_DELAY / _MAX_LEN tune it; SERVE_TEST_ROOT is the repo.
+LAUNCHER = r'''
+import os, sys, time
+sys.path.insert(0, os.environ["SERVE_TEST_ROOT"])
+import torch
+torch.set_num_threads(1)
+from tests.test_serve_helpers import CharTokenizer, GatedModel, tiny_model
+import nanoseek.serve.server as server
+
+def load_model(path, precision):
+    time.sleep(float(os.environ.get("SERVE_TEST_LOAD_DELAY", "0")))
+    model = tiny_model(seed=0, max_seq_len=int(os.environ.get("SERVE_TEST_MAX_LEN", "512")))
+    delay = float(os.environ.get("SERVE_TEST_STEP_DELAY", "0"))
+    return (GatedModel(model, delay) if delay else model), CharTokenizer()
+
+server.load_model = load_model
+from nanoseek.serve.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]

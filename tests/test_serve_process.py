@@ -20,29 +20,7 @@ import httpx
 import pytest
 
 from nanoseek.serve.cli import add_serve_parser
-from tests.test_serve_helpers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-LAUNCHER = r'''
-import os, sys, time
-sys.path.insert(0, os.environ["SERVE_TEST_ROOT"])
-import torch
-torch.set_num_threads(1)
-from tests.test_serve_helpers import CharTokenizer, GatedModel, tiny_model
-import nanoseek.serve.server as server
-
-def load_model(path, precision):
-    time.sleep(float(os.environ.get("SERVE_TEST_LOAD_DELAY", "0")))
-    model = tiny_model(seed=0, max_seq_len=int(os.environ.get("SERVE_TEST_MAX_LEN", "512")))
-    delay = float(os.environ.get("SERVE_TEST_STEP_DELAY", "0"))
-    return (GatedModel(model, delay) if delay else model), CharTokenizer()
-
-server.load_model = load_model
-from nanoseek.serve.cli import main
-sys.exit(main(sys.argv[1:]))
-'''
-
+from tests.test_serve_helpers import LAUNCHER, ROOT, free_port
 
 class ServerProcess:
     def __init__(self, tmp_path: Path, args: list[str], **env):
