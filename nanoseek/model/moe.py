@@ -26,6 +26,8 @@ class Gate(nn.Module):
         # fp32 always: the bias update is tiny and must not be rounded away
         self.e_score_correction_bias = nn.Buffer(torch.zeros(cfg.n_routed_experts)) if cfg.moe_bias else None
         self.last_load = None  # [n_experts] token counts of the last forward (balancing, tracing)
+        # training's sequence-wise balance loss needs the scores (with grad) and the picks
+        self.keep_scores, self.last_scores, self.last_idx = False, None, None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight.float())
@@ -40,6 +42,8 @@ class Gate(nn.Module):
         weights = scores.gather(1, idx)
         if self.norm_topk:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.keep_scores:
+            self.last_scores, self.last_idx = scores, idx
         return weights * self.route_scale, idx
 
 
