@@ -1,11 +1,13 @@
 """Bad requests and unready states: each one gets the right status and an OpenAI error body."""
 
+import json
 import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
 from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
 from nanoseek.serve import create_app
 from tests.test_serve_helpers import CharTokenizer, tiny_model, wait_until
 
@@ -172,3 +174,25 @@ def test_load_failure_is_reported():
         r = http.get("/health")
         assert r.status_code == 503 and "no such checkpoint" in r.json()["error"]
         assert error_of(chat(http, max_tokens=1), 503)["code"] == "model_load_failed"
+
+
+@pytest.mark.parametrize("failure,status,kind", [
+    (NanoseekError("request 'x': prompt token ids must be in [0, 98)"), 400, "invalid_request_error"),
+    (RuntimeError("kernel exploded"), 500, "server_error"),
+])
+def test_engine_failures_keep_the_error_shape(failure, status, kind):
+    engine = Engine(tiny_model(seed=1, max_seq_len=128), CharTokenizer(), num_blocks=16)
+
+    def add_request(*args, **kwargs):
+        raise failure
+
+    engine.add_request = add_request
+    with TestClient(create_app(engine, MODEL), raise_server_exceptions=False) as http:
+        err = error_of(chat(http, max_tokens=2), status)
+        assert err["type"] == kind and str(failure) in err["message"]
+        with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stream": True}) as r:
+            assert r.status_code == 200  # headers were out before the engine saw the request
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["type"] == kind
+        assert engine.stats()["kv_blocks_used"] == 0

@@ -104,6 +104,17 @@ def create_app(engine_or_llm, model_name: str, api_key: str | None = None,
     async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(NanoseekError)
+    async def engine_rejected(request, exc: NanoseekError):
+        # the engine's own checks (token ids, lengths, sampling values) name what is wrong
+        return JSONResponse(APIError(400, str(exc), code="invalid_request").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        # Starlette re-raises after this, so uvicorn still logs the traceback
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         err = _validation_error(exc)

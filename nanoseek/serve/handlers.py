@@ -132,6 +132,8 @@ def stream_error(e: Exception) -> str:
                        code="aborted")
     elif isinstance(e, APIError):
         err = e
+    elif isinstance(e, NanoseekError):  # the engine refused the request
+        err = APIError(400, str(e), code="invalid_request")
     else:
         err = APIError(500, f"generation failed: {e}", "server_error", code="internal_error")
     return R.sse(err.body())
