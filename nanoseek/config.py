@@ -66,6 +66,7 @@ class ModelConfig:
     index_n_heads: int = 0
     index_head_dim: int = 64
     index_topk: int = 2048
+    index_layers: list[int] | None = None  # layers with an indexer; None = all (when index_n_heads > 0)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -92,6 +93,9 @@ class ModelConfig:
 
     def layer_is_moe(self, i: int) -> bool:
         return self.is_moe and i >= self.first_k_dense
+
+    def layer_has_indexer(self, i: int) -> bool:
+        return self.index_n_heads > 0 and (self.index_layers is None or i in self.index_layers)
 
     @property
     def rope_dim(self) -> int:
@@ -180,6 +184,9 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"), eos_token_id=[] if eos is None else eos,
             rope_theta=float(theta), rope_scaling=rope_scaling,
         )
+        if hf.get("index_n_heads"):  # DeepSeek-V3.2's sparse attention (any arch, when we wrote it)
+            common.update(index_n_heads=hf["index_n_heads"], index_head_dim=hf.get("index_head_dim", 64),
+                          index_topk=hf.get("index_topk", 2048), index_layers=hf.get("index_layers"))
         if hf.get("hidden_act", "silu") != "silu":
             raise NanoseekError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
         if arch in ("llama", "qwen2"):
@@ -217,6 +224,9 @@ class ModelConfig:
         )
         if self.rope_scaling:
             hf["rope_scaling"] = dict(rope)
+        if self.index_n_heads:
+            hf.update(index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                      index_topk=self.index_topk, index_layers=self.index_layers)
         if self.arch in ("llama", "qwen2"):
             if self.attn_type != "gqa" or self.is_moe:
                 raise NanoseekError(f"a {self.arch} checkpoint must be dense GQA; save with arch='deepseek_v3'")

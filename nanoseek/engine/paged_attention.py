@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.sparse_attention import paged_sparse_attend
 
 
 def kv_entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -24,7 +25,8 @@ def kv_entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     k, v = kv_entry_shapes(cfg)
     per_layer = k[0] * k[1] + (v[0] * v[1] if v else 0)
-    return per_layer * cfg.n_layers * torch.finfo(dtype).bits // 8
+    index = sum(cfg.index_head_dim for i in range(cfg.n_layers) if cfg.layer_has_indexer(i))
+    return (per_layer * cfg.n_layers + index) * torch.finfo(dtype).bits // 8
 
 
 class PagedKVCache:
@@ -34,6 +36,9 @@ class PagedKVCache:
         self.k = [torch.zeros(num_blocks, block_size, *kshape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(num_blocks, block_size, *vshape, dtype=dtype, device=device) if vshape else None
                   for _ in range(cfg.n_layers)]
+        # DSA layers also store the lightning indexer's key (index_head_dim numbers) per token
+        self.ik = [torch.zeros(num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
+                   if cfg.layer_has_indexer(i) else None for i in range(cfg.n_layers)]
 
 
 class PagedAttention:
@@ -48,6 +53,7 @@ class PagedAttention:
         bs = cache.block_size
         slots, self.decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
         row = 0
+        self.max_len = max((cached + new for _, cached, new in seqs), default=0)
         for table, cached, new in seqs:
             for p in range(cached, cached + new):
                 slots.append(table[p // bs] * bs + p % bs)
@@ -62,16 +68,21 @@ class PagedAttention:
         if self.decode_rows:
             width = max(len(t) for t in decode_tables)
             self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            lens = torch.tensor(decode_lens)
+            lens = self.decode_lens = torch.tensor(decode_lens)
             self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
             self.decode_rows = torch.tensor(self.decode_rows)
 
-    def attend(self, layer, q, k, v, scale, v_dim):
+    def attend(self, layer, q, k, v, scale, v_dim, index=None):
         q, k = q[0], k[0]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc.view(-1, *kc.shape[2:])[self.slots] = k
         if vc is not None:
             vc.view(-1, *vc.shape[2:])[self.slots] = v[0]
+        if index is not None:  # a DSA layer: store its indexer keys; attend over the top-k only
+            ikc = self.cache.ik[layer]
+            ikc.view(-1, ikc.shape[-1])[self.slots] = index.k[0]
+            if index.sparse_for(self.max_len):
+                return paged_sparse_attend(self, layer, q, scale, v_dim, index)
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         gqa = kc.shape[2] != q.shape[1]
         if len(self.decode_rows):

@@ -11,6 +11,10 @@ Both modules compute q/k/v and then either
 
     v=None means "the values are the first v_dim channels of the keys" (MLA's latent),
     so a cache stores that tensor once.
+
+    A layer with a DSA lightning indexer (cfg.index_n_heads > 0, see nanoseek/model/indexer.py)
+    passes one more argument, index=IndexerOutput: the cache stores index.k beside the keys and
+    attends over the top-k selected keys only. Layers without one call attend exactly as above.
 """
 
 import torch
@@ -18,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.indexer import Indexer, fit_indexer
 from nanoseek.model.layers import RMSNorm, apply_rope, softmax_scale
+from nanoseek.model.sparse_attention import sparse_causal_attention
 
 
 def causal_attention(q, k, v, scale):
@@ -39,6 +45,7 @@ class GQA(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.indexer = Indexer(cfg, layer_id) if cfg.layer_has_indexer(layer_id) else None
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -46,10 +53,17 @@ class GQA(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
-        if cache is None:
+        index = None if self.indexer is None else self.indexer(x, x, cos, sin)
+        if cache is None and (index is None or not index.sparse_for(T)):
             out = causal_attention(q, k, v, self.scale)
-        else:
+            if index is not None and self.indexer.kl:  # dense warm-up: fit the indexer to it
+                fit_indexer(index, q, k, self.scale)
+        elif cache is None:
+            out = sparse_causal_attention(q, k, v, self.scale, self.head_dim, index)
+        elif index is None:
             out = cache.attend(self.layer_id, q, k, v, self.scale, self.head_dim)
+        else:
+            out = cache.attend(self.layer_id, q, k, v, self.scale, self.head_dim, index=index)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -84,27 +98,38 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=cfg.o_bias)
+        self.indexer = Indexer(cfg, layer_id) if cfg.layer_has_indexer(layer_id) else None
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        qr = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else x
+        q = self.q_b_proj(qr) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c = self.kv_a_layernorm(c)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved)  # [B,T,1,rope]
-        if cache is None:
+        index = None if self.indexer is None else self.indexer(x, qr, cos, sin)
+        if cache is None and (index is None or not index.sparse_for(T)):
             kv = self.kv_b_proj(c).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
             out = causal_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale)
+            if index is not None and self.indexer.kl:  # dense warm-up: fit the indexer to it
+                fit_indexer(index, torch.cat([q_nope, q_pe], dim=-1), k, self.scale)
         else:
+            # the absorbed form; sparse attention without a cache uses it too (MQA over the latent)
             w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
             latent = torch.cat([c.unsqueeze(2), k_pe], dim=-1)  # [B,T,1,r+rope]: the whole KV cache entry
-            o_lat = cache.attend(self.layer_id, torch.cat([q_lat, q_pe], dim=-1), latent, None,
-                                 self.scale, self.kv_lora_rank)
+            q_abs = torch.cat([q_lat, q_pe], dim=-1)
+            if cache is None:
+                o_lat = sparse_causal_attention(q_abs, latent, None, self.scale, self.kv_lora_rank, index)
+            elif index is None:
+                o_lat = cache.attend(self.layer_id, q_abs, latent, None, self.scale, self.kv_lora_rank)
+            else:
+                o_lat = cache.attend(self.layer_id, q_abs, latent, None, self.scale, self.kv_lora_rank, index=index)
             out = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
         return self.o_proj(out.reshape(B, T, -1))

@@ -7,12 +7,15 @@ has its own paged cache with the same `attend` protocol (see nanoseek/model/atte
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.sparse_attention import attend_selected
+
 
 class DenseKVCache:
     def __init__(self, n_layers: int, max_len: int):
         self.max_len = max_len
         self.k = [None] * n_layers
         self.v = [None] * n_layers
+        self.ik = [None] * n_layers  # DSA indexer keys, for layers that have an indexer
         self.length = 0  # tokens cached so far (same for every sequence in the batch)
 
     def positions(self, batch: int, T: int, device=None) -> torch.Tensor:
@@ -22,7 +25,7 @@ class DenseKVCache:
         """Call after each forward: the T tokens just written are now part of the prefix."""
         self.length += T
 
-    def attend(self, layer, q, k, v, scale, v_dim):
+    def attend(self, layer, q, k, v, scale, v_dim, index=None):
         B, T = q.shape[:2]
         start, end = self.length, self.length + T
         if end > self.max_len:
@@ -36,6 +39,15 @@ class DenseKVCache:
             self.v[layer][:, start:end] = v
         K = self.k[layer][:, :end]
         V = self.v[layer][:, :end] if v is not None else K[..., :v_dim]
+        if index is not None:  # a DSA layer: store its indexer keys; attend over the top-k only
+            if self.ik[layer] is None:
+                self.ik[layer] = index.k.new_empty(B, self.max_len, index.k.shape[-1])
+            self.ik[layer][:, start:end] = index.k
+            if index.sparse_for(end):
+                Vs = None if v is None else V
+                return torch.stack([attend_selected(q[b], K[b], None if Vs is None else Vs[b], scale, v_dim,
+                                                    index.q[b], index.w[b], self.ik[layer][b], start, index.topk)
+                                    for b in range(B)])
         # query i sits at absolute position start+i and may see keys 0..start+i
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),

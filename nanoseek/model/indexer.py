@@ -1,0 +1,249 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): the lightning indexer and top-k selection.
+
+For every query t the indexer scores each earlier key s with a few small heads,
+
+    I(t, s) = sum_h w_h(t) * ReLU(q_h(t) . k(s))
+
+(q_h: H_I heads of dim D_I from the query token, k: one D_I key per token shared by every
+head, w_h: one weight per head from the query token), and the main attention then runs over
+the k = index_topk keys with the highest I(t, s) only (nanoseek/model/sparse_attention.py).
+Choices, following DeepSeek-V3.2's inference code unless said otherwise:
+  - causal: keys after t are never candidates; key t itself always is (its score is +inf);
+    a query with at most index_topk visible keys selects them all, i.e. dense attention.
+  - q comes from the q-LoRA latent when the model has one (DeepSeek MLA), else from the
+    attention input x; k = LayerNorm(W_k x); w = W_w x / sqrt(H_I * D_I).
+  - RoPE (half-split, not interleaved, as DSA) on the first rope_dim dims of q and k,
+    rope_dim = min(the model's rotary dim, D_I / 2). When that is smaller than the model's
+    rotary dim we take every n-th frequency of the model's table, so the indexer still
+    sees the whole range of wavelengths.
+  - No Hadamard rotation and no FP8: DSA rotates only to make FP8 quantisation safe; we
+    score in the model's dtype (bf16 for bf16 models), with fp32 accumulation in matmuls.
+  - The indexer's inputs are detached: it learns only from its own KL loss (see
+    fit_indexer and nanoseek/train/sparse_stages.py), the main model only from its LM loss.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.model.layers import apply_rope
+
+# Queries scored at once. The indexer's own scores are n x n by design (that is DSA); chunking
+# keeps them at chunk x n x H_I, a few MB even at 64K tokens.
+QUERY_CHUNK = 128
+
+
+@dataclass
+class IndexerOutput:
+    """What one layer's indexer computed for the tokens of this forward."""
+    q: torch.Tensor        # [B, T, H_I, D_I]
+    w: torch.Tensor        # [B, T, H_I]
+    k: torch.Tensor        # [B, T, D_I]   the keys a cache stores beside the main ones
+    topk: int
+    module: "Indexer"
+
+    def sparse_for(self, n_keys: int) -> bool:
+        """Does a query that sees n_keys keys attend sparsely? (False: plain dense attention.)"""
+        return not self.module.dense and n_keys > self.topk
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.rope_dim = min(cfg.rope_dim, self.head_dim // 2)
+        pairs, own = cfg.rope_dim // 2, self.rope_dim // 2
+        if self.rope_dim < 2 or pairs % own:
+            raise NanoseekError(f"model config field index_head_dim: {self.head_dim} gives a rope part of "
+                                f"{self.rope_dim} dims, which must be even and divide the rotary dim {cfg.rope_dim}")
+        self.rope_stride = pairs // own
+        self.from_q_lora = cfg.attn_type == "mla" and cfg.q_lora_rank > 0
+        if self.from_q_lora:  # DeepSeek-V3.2's name: it reads the same q latent as MLA's q_b_proj
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False)
+        self.weight_scale = (self.n_heads * self.head_dim) ** -0.5
+        # Training switches, set by nanoseek/train/sparse_stages.py (inference never touches them):
+        self.dense = False  # the main attention stays dense (the warm-up stage)
+        self.kl = False     # fit the indexer to the main attention while the model runs forward
+        self.last_kl = None  # that KL, averaged over query tokens, for logging
+
+    def forward(self, x, qr, cos, sin) -> IndexerOutput:
+        # cut from the main graph: the indexer learns only from its KL loss
+        dtype = x.dtype  # scores are computed in the model's dtype; the weights may be fp32 for training
+        wdt = self.wk.weight.dtype
+        x, qr = x.detach().to(wdt), qr.detach().to(wdt)
+        B, T, _ = x.shape
+        with torch.enable_grad() if self.kl else nullcontext():
+            q = (self.wq_b(qr) if self.from_q_lora else self.wq(x)).view(B, T, self.n_heads, self.head_dim)
+            k = self.k_norm(self.wk(x))
+            cos, sin = cos[..., ::self.rope_stride].to(wdt), sin[..., ::self.rope_stride].to(wdt)
+            r = self.rope_dim
+            q = torch.cat([apply_rope(q[..., :r], cos, sin, False), q[..., r:]], dim=-1)
+            k = torch.cat([apply_rope(k[..., :r].unsqueeze(2), cos, sin, False).squeeze(2), k[..., r:]], dim=-1)
+            w = self.weights_proj(x) * self.weight_scale
+        return IndexerOutput(q.to(dtype), w.to(dtype), k.to(dtype), self.topk, self)
+
+
+def index_scores(q, w, K, bias=None):
+    """q [C, H_I, D_I], w [C, H_I], K [L, D_I] -> I [C, L] = sum_h w_h * ReLU(q_h . K) (+ bias [L])."""
+    C, H, D = q.shape
+    s = (q.reshape(C * H, D) @ K.T).view(C, H, -1).relu_()
+    if bias is None:
+        return torch.bmm(w.unsqueeze(1), s).squeeze(1)
+    return torch.baddbmm(bias.expand(C, 1, -1), w.unsqueeze(1), s).squeeze(1)
+
+
+def recency_bias(L, dtype, device=None):
+    """A tie-breaker far below the scores' resolution: ReLU makes exact-zero scores common,
+    and topk would break those ties by where a key sits in the row, i.e. differently in a
+    chunked prefill than in a one-shot one. With it, equal scores prefer the later key."""
+    return torch.arange(L, device=device, dtype=torch.float32).mul_(2.0 ** -40).to(dtype)
+
+
+def mask_causal_(scores, first_pos):
+    """scores [C, first_pos + C] for queries at first_pos..: future keys -inf, own key +inf."""
+    C = scores.shape[0]
+    block = scores[:, first_pos:]
+    block.masked_fill_(torch.ones(C, C, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
+    block.diagonal().fill_(float("inf"))
+    return scores
+
+
+@torch.no_grad()
+def select_topk(q, w, K, start: int, topk: int, chunk: int = QUERY_CHUNK):
+    """The selected keys of T queries at positions start..start+T-1 over keys 0..L-1 (L = start+T).
+
+    q [T, H_I, D_I], w [T, H_I], K [>= L, D_I] -> idx [T, k] with k = min(topk, L), and
+    valid [T, k] (False: a padding entry of a query that sees fewer than k keys) or None when
+    every entry is a real key. Entries are in no particular order.
+    """
+    T = q.shape[0]
+    L = start + T
+    k = min(topk, L)
+    idx = torch.empty(T, k, dtype=torch.long, device=q.device)
+    bias = recency_bias(L, q.dtype, q.device)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        if start + b <= k:  # these queries see at most k keys: all of them (the rest is padding)
+            idx[a:b] = torch.arange(k, device=q.device)
+            continue
+        s = mask_causal_(index_scores(q[a:b], w[a:b], K[:start + b], bias[:start + b]), start + a)
+        idx[a:b] = s.topk(k, dim=-1, sorted=False).indices
+    valid = None
+    if start + 1 < k:  # queries at positions < k-1 picked some (masked) future keys as padding
+        valid = idx <= torch.arange(start, L, device=q.device)[:, None]
+    return idx, valid
+
+
+# ---- fitting the indexer to the main attention (DSA's two training stages) ------------------
+
+def _kl_rows(p, logits, mask):
+    """sum over rows of KL(p || softmax(logits)), both over the keys where mask is True."""
+    logits = logits.float().masked_fill(~mask, float("-inf"))
+    logq = torch.log_softmax(logits, dim=-1).masked_fill(~mask, 0)
+    return (torch.xlogy(p, p) - p * logq).sum()
+
+
+@torch.no_grad()
+def attention_target(q, K, scale, first_pos):
+    """Dense main attention of queries q [C, H, D] at first_pos.. over K [first_pos + C, Hkv, D],
+    summed over heads and L1-normalised -> p [C, L] (DSA's warm-up target)."""
+    C, H, D = q.shape
+    Hkv = K.shape[1]
+    s = torch.einsum("cvgd,lvd->cvgl", q.view(C, Hkv, H // Hkv, D).float(), K.float()) * scale
+    causal = torch.ones(C, K.shape[0], dtype=torch.bool, device=q.device).tril(first_pos)
+    p = s.masked_fill(~causal[:, None, None], float("-inf")).softmax(-1)
+    return p.sum((1, 2)) / H, causal
+
+
+def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int = QUERY_CHUNK):
+    """Train one layer's indexer on this forward: KL(main attention || softmax(I)).
+
+    q [B, T, H, D], k [B, T, Hkv, D]: the main attention's queries and keys (no cache).
+    selections None: dense warm-up, the target is the full causal attention distribution.
+    selections [(idx, valid)] per batch row: the sparse stage, the target and the indexer's
+    distribution are both restricted to the selected keys.
+    The loss (mean over query tokens) is backpropagated at once, chunk by chunk, into the
+    indexer's weights only: its inputs are detached, so nothing else is touched and no n x n
+    graph is kept. The optimizer step is the caller's.
+    """
+    B, T = q.shape[:2]
+    iq, iw, ik = (t.detach().requires_grad_() for t in (index.q, index.w, index.k))
+    total = 0.0
+    for b in range(B):
+        for a in range(0, T, chunk):
+            e = min(a + chunk, T)
+            if selections is None:
+                p, mask = attention_target(q[b, a:e], k[b, :e], scale, a)
+                with torch.enable_grad():
+                    logits = index_scores(iq[b, a:e], iw[b, a:e], ik[b, :e])
+            else:
+                idx, valid = selections[b]
+                idx = idx[a:e]
+                mask = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid[a:e]
+                p = selected_attention_target(q[b, a:e], k[b], idx, mask, scale)
+                with torch.enable_grad():
+                    qh = iq[b, a:e]
+                    kg = ik[b][idx]                                                   # [C, k, D_I]
+                    s = torch.einsum("chd,ckd->chk", qh, kg).relu()
+                    logits = torch.einsum("ch,chk->ck", iw[b, a:e], s)
+            with torch.enable_grad():
+                loss = _kl_rows(p, logits, mask) / (B * T)
+                loss.backward()
+            total += loss.item()
+    torch.autograd.backward([index.q, index.w, index.k], [iq.grad, iw.grad, ik.grad])
+    index.module.last_kl = total
+    return total
+
+
+@torch.no_grad()
+def selected_attention_target(q, K, idx, mask, scale):
+    """Main attention restricted to the selected keys, summed over heads, L1-normalised -> [C, k]."""
+    C, H, D = q.shape
+    Hkv = K.shape[1]
+    Kg = K[idx].float()                                                          # [C, k, Hkv, D]
+    s = torch.einsum("cvgd,ckvd->cvgk", q.view(C, Hkv, H // Hkv, D).float(), Kg) * scale
+    p = s.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
+    return p.sum((1, 2)) / H
+
+
+# ---- converting a dense model ------------------------------------------------------------
+
+def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, layers=None, seed: int = 0):
+    """Give a dense nanoseek Transformer lightning indexers (randomly initialised), in place.
+
+    The model keeps running densely wherever a query sees <= topk keys; train the indexers
+    with nanoseek.train.sparse_stages.indexer_warmup before relying on the selection.
+    """
+    cfg = model.config
+    cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk = n_heads, head_dim, topk
+    cfg.index_layers = None if layers is None else sorted(int(i) for i in layers)
+    gen = torch.Generator().manual_seed(seed)
+    for i, block in enumerate(model.layers):
+        attn = block.self_attn
+        if not cfg.layer_has_indexer(i):
+            attn.indexer = None
+            continue
+        ix = Indexer(cfg, i)
+        with torch.no_grad():
+            for name, p in ix.named_parameters():
+                if name.startswith("k_norm"):
+                    continue
+                # unit-variance projections of unit-RMS inputs: scores start O(1) whatever the dims
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+        attn.indexer = ix.to(device=model.device, dtype=model.dtype)
+    return model
+
+
+def indexer_parameters(model):
+    return [p for n, p in model.named_parameters() if ".indexer." in n]

@@ -1,0 +1,113 @@
+"""The main attention over the indexer's selected keys: O(n * k) work, never an n x n matrix.
+
+Every path (no cache, DenseKVCache, the engine's paged cache; prefill and decode) ends in
+`sparse_attention`: for a chunk of queries, gather the k selected key rows (and value rows)
+with one index_select each, then a batched matmul, softmax, batched matmul. Keys are shared
+by every head of a group, as DSA shares them across all heads (MLA attends in its absorbed
+form, MQA over the latent, so K and V are one gathered tensor there, as in FlashMLA's
+sparse kernel).
+
+GQA's key heads are gathered as one row per token ([Hkv * D] contiguous), which is what
+makes the gather cheap on a CPU; the per-head matmuls read it through a strided view.
+"""
+
+import torch
+
+from nanoseek.model.indexer import IndexerOutput, fit_indexer, index_scores, recency_bias, select_topk
+
+# Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
+GATHER_CHUNK = 32
+
+
+def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUNK):
+    """q [T, H, Dk]; K [P, Hkv, Dk] and V [P, Hkv, Dv] (or None: values are K[..., :v_dim]),
+    rows of a pool; idx [T, k] rows of the pool each query attends to; valid [T, k] or None.
+    -> [T, H, Dv]. Differentiable in q, K, V (index_select's backward scatters into K, V)."""
+    T, H, Dk = q.shape
+    Hkv = K.shape[1]
+    g, k = H // Hkv, idx.shape[1]
+    Kf = K.reshape(K.shape[0], -1)                       # one row per token: all key heads
+    Vf = None if V is None else V.reshape(V.shape[0], -1)
+    out = q.new_empty(T, H, v_dim)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        C = b - a
+        rows = idx[a:b].reshape(-1)
+        Kg = Kf.index_select(0, rows).view(C, k, Hkv, Dk)
+        Vg = Kg[..., :v_dim] if Vf is None else Vf.index_select(0, rows).view(C, k, Hkv, v_dim)
+        # [C, Hkv, g, Dk] x [C, Hkv, Dk, k] -> scores [C, Hkv, g, k]
+        qc = q[a:b].view(C, Hkv, g, Dk)
+        s = torch.matmul(qc, Kg.permute(0, 2, 3, 1)).float() * scale
+        if valid is not None:
+            s.masked_fill_(~valid[a:b, None, None, :], float("-inf"))
+        p = s.softmax(-1).to(q.dtype)
+        out[a:b] = torch.matmul(p, Vg.transpose(1, 2)).view(C, H, v_dim)
+    return out
+
+
+def sparse_causal_attention(q, k, v, scale, v_dim, index: IndexerOutput):
+    """The no-cache path (training, scoring, one-shot prefill) of a layer with an indexer.
+
+    q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] or None -> [B, T, H, Dv].
+    """
+    B, T = q.shape[:2]
+    outs, selections = [], []
+    for b in range(B):
+        idx, valid = select_topk(index.q[b], index.w[b], index.k[b], 0, index.topk)
+        outs.append(sparse_attention(q[b], k[b], None if v is None else v[b], idx, valid, scale, v_dim))
+        selections.append((idx, valid))
+    if index.module.kl:  # the sparse training stage: KL over the selected keys only
+        fit_indexer(index, q, k, scale, selections)
+    return torch.stack(outs)
+
+
+def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk):
+    """Cached attention of one sequence: q [T, H, Dk] at positions start.., K/V/IK its keys
+    0..start+T-1 (main [L, Hkv, D], indexer [L, D_I]) -> [T, H, Dv]."""
+    idx, valid = select_topk(iq, iw, IK, start, topk)
+    return sparse_attention(q, K, V, idx, valid, scale, v_dim)
+
+
+# ---- the engine's paged cache ---------------------------------------------------------------
+
+def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
+    """PagedAttention.attend for a layer with an indexer, after the step's keys are stored.
+
+    q [N, H, Dk]: the step's flattened rows. The indexer keys are gathered per sequence (D_I
+    numbers a token); the main keys are read only at the selected slots, so a decode step
+    reads k rows of the KV pool, not the whole context.
+    """
+    cache, bs = ctx.cache, ctx.cache.block_size
+    kc, vc, ikc = cache.k[layer], cache.v[layer], cache.ik[layer]
+    Kpool = kc.view(-1, *kc.shape[2:])
+    Vpool = None if vc is None else vc.view(-1, *vc.shape[2:])
+    IKpool = ikc.view(-1, ikc.shape[-1])
+    iq, iw = index.q[0], index.w[0]
+    out = q.new_empty(q.shape[0], q.shape[1], v_dim)
+    if len(ctx.decode_rows):
+        # all decode rows at once: one query each over its own (padded) context
+        rows, lens = ctx.decode_rows, ctx.decode_lens
+        width = ctx.decode_tables.shape[1] * bs
+        pos = torch.arange(width)
+        slots = ctx.decode_tables[:, pos // bs] * bs + pos % bs                        # [B, W]
+        IK = IKpool[slots]                                                             # [B, W, D_I]
+        bias = recency_bias(width, iq.dtype).expand(len(rows), 1, width)
+        s = torch.baddbmm(bias, iw[rows].unsqueeze(1),
+                          torch.bmm(iq[rows], IK.transpose(1, 2)).relu_()).squeeze(1)  # [B, W]
+        s.masked_fill_(pos[None, :] >= lens[:, None], float("-inf"))
+        s.scatter_(1, (lens - 1)[:, None], float("inf"))                               # own position
+        k = min(index.topk, width)
+        idx = s.topk(k, dim=-1, sorted=False).indices
+        valid = idx < lens[:, None]
+        out[rows] = sparse_attention(q[rows], Kpool, Vpool, slots.gather(1, idx), valid, scale, v_dim)
+    for row, new, cached, table in ctx.prefills:
+        total = cached + new
+        pos = torch.arange(total)
+        slots = table[pos // bs] * bs + pos % bs
+        idx, valid = select_topk(iq[row:row + new], iw[row:row + new], IKpool[slots], cached, index.topk)
+        out[row:row + new] = sparse_attention(q[row:row + new], Kpool, Vpool, slots[idx], valid, scale, v_dim)
+    return out.unsqueeze(0)
+
+
+__all__ = ["sparse_attention", "sparse_causal_attention", "attend_selected", "paged_sparse_attend",
+           "index_scores"]

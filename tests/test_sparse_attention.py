@@ -1,0 +1,177 @@
+"""DSA sparse attention: exactness when k >= length, causality, cache/engine consistency."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.checkpoint.hf import load_hf
+from nanoseek.config import ModelConfig
+from nanoseek.engine import LLM
+from nanoseek.model.indexer import add_indexers, index_scores, select_topk
+from nanoseek.model.kv_cache import DenseKVCache
+from nanoseek.model.sparse_attention import sparse_attention
+from nanoseek.model.transformer import Transformer
+from nanoseek.sampling import SamplingParams
+
+VOCAB = 120
+BASE = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, inter_dim=96, max_seq_len=512)
+CONFIGS = {
+    "gqa": dict(BASE, arch="llama", attn_type="gqa", n_kv_heads=2, head_dim=16),
+    "mla-qlora": dict(BASE, arch="deepseek_v3", attn_type="mla", q_lora_rank=24, kv_lora_rank=16,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True,
+                      n_activated_experts=1),
+    "mla": dict(BASE, arch="deepseek_v3", attn_type="mla", q_lora_rank=0, kv_lora_rank=16,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True),
+}
+
+
+def dense_and_sparse(name, topk=8, layers=None):
+    dense = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0).eval()
+    sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1)
+    return dense, sparse
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def cached_forward(model, x, cuts):
+    cache, parts = DenseKVCache(model.config.n_layers, x.shape[1]), []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        parts.append(model(x[:, a:b], cache.positions(x.shape[0], b - a), cache))
+        cache.advance(b - a)
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_k_at_least_length_is_exactly_dense(name):
+    dense, sparse = dense_and_sparse(name, topk=48)
+    x = ids(2, 48)
+    with torch.no_grad():
+        assert torch.equal(sparse(x), dense(x))
+        assert torch.equal(cached_forward(sparse, x, [0, 20, 21, 48]), cached_forward(dense, x, [0, 20, 21, 48]))
+
+
+def test_engine_k_at_least_length_is_exactly_dense():
+    dense, sparse = dense_and_sparse("gqa", topk=512)
+    p = ids(1, 40, seed=3)[0].tolist()
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    a = LLM(dense, block_size=4, max_batch_tokens=16).generate([p], params)[0].outputs[0]
+    b = LLM(sparse, block_size=4, max_batch_tokens=16).generate([p], params)[0].outputs[0]
+    assert a.token_ids == b.token_ids and [x["logprob"] for x in a.logprobs] == [x["logprob"] for x in b.logprobs]
+
+
+def test_sparse_kernel_over_all_keys_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    T, H, Hkv, D = 37, 6, 2, 16
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, 12, generator=g)
+    idx = torch.arange(T).expand(T, T)
+    valid = idx <= torch.arange(T)[:, None]
+    out = sparse_attention(q, k, v, idx, valid, 0.3, 12, chunk=5)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                         scale=0.3, enable_gqa=True).transpose(0, 1)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_selection_is_causal_keeps_own_position_and_is_the_top_k():
+    g = torch.Generator().manual_seed(0)
+    T, start, k = 30, 11, 8
+    L = start + T
+    q, w, K = torch.randn(T, 3, 16, generator=g), torch.randn(T, 3, generator=g), torch.randn(L, 16, generator=g)
+    idx, valid = select_topk(q, w, K, start, k, chunk=7)
+    full = index_scores(q, w, K)
+    for t in range(T):
+        pos = start + t
+        chosen = set(idx[t][valid[t]].tolist() if valid is not None else idx[t].tolist())
+        assert len(chosen) == min(k, pos + 1)
+        assert max(chosen) <= pos and pos in chosen
+        others = full[t, :pos].topk(min(k, pos + 1) - 1).indices.tolist()
+        assert chosen == set(others) | {pos}
+    # a query seeing fewer than k keys keeps them all
+    idx, valid = select_topk(q[:4], w[:4], K, 0, k)
+    for t in range(4):
+        assert sorted(idx[t][valid[t]].tolist()) == list(range(t + 1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_future_tokens_never_change_earlier_outputs(name):
+    _, sparse = dense_and_sparse(name)
+    x = ids(1, 40)
+    y = x.clone()
+    y[0, 25:] = (y[0, 25:] + 7) % VOCAB
+    with torch.no_grad():
+        assert (sparse(x)[:, :25] - sparse(y)[:, :25]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_chunked_prefill_and_decode_equal_one_shot(name):
+    _, sparse = dense_and_sparse(name)
+    x = ids(2, 40, seed=1)
+    with torch.no_grad():
+        one = sparse(x)
+        chunked = cached_forward(sparse, x, [0, 5, 13, 14, 30, 31, 32, 40])
+    assert (chunked - one).abs().max().item() < 1e-4
+
+
+def test_main_attention_is_never_dense_when_sparse(monkeypatch):
+    """The sparse path gathers the selected keys: no SDPA over the whole context anywhere."""
+    _, sparse = dense_and_sparse("gqa")
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = ids(1, 40)
+    with torch.no_grad():
+        sparse(x)
+        cached_forward(sparse, x, [0, 20, 21, 40])
+    assert not calls
+
+
+def test_only_listed_layers_get_an_indexer():
+    _, sparse = dense_and_sparse("gqa", layers=[1])
+    assert sparse.layers[0].self_attn.indexer is None and sparse.layers[1].self_attn.indexer is not None
+
+
+@pytest.mark.parametrize("name", ["gqa", "mla-qlora"])
+def test_engine_paged_sparse_equals_dense_cache_reference(name):
+    _, sparse = dense_and_sparse(name)
+    ps = [ids(1, n, seed=10 + n)[0].tolist() for n in (45, 9, 30, 60)]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
+
+    def reference(prompt):
+        x, out, lps = torch.tensor([prompt]), [], []
+        cache = DenseKVCache(sparse.config.n_layers, len(prompt) + 8)
+        with torch.no_grad():
+            for _ in range(8):
+                logits = sparse(x, cache.positions(1, x.shape[1]), cache)[0, -1]
+                cache.advance(x.shape[1])
+                out.append(int(logits.argmax()))
+                lps.append(float(torch.log_softmax(logits, -1)[out[-1]]))
+                x = torch.tensor([[out[-1]]])
+        return out, lps
+
+    # chunked prefills (7 tokens a step) mixed with other sequences' decodes
+    got = LLM(sparse, block_size=4, max_batch_tokens=7).generate(ps, params)
+    for p, o in zip(ps, got):
+        ref_ids, ref_lps = reference(p)
+        assert o.outputs[0].token_ids == ref_ids
+        assert max(abs(a["logprob"] - b) for a, b in zip(o.outputs[0].logprobs, ref_lps)) < 1e-4
+
+
+def test_converted_model_saves_and_loads(tmp_path):
+    _, sparse = dense_and_sparse("mla-qlora", layers=[0])
+    sparse.save(tmp_path)
+    again = load_hf(tmp_path)
+    assert again.config.index_n_heads == 2 and again.config.index_layers == [0]
+    x = ids(1, 30)
+    with torch.no_grad():
+        assert torch.equal(again(x), sparse(x))
+
+
+def test_dense_config_export_unchanged():
+    cfg = ModelConfig(**CONFIGS["gqa"])
+    assert not any(k.startswith("index_") for k in cfg.to_hf())
+    cfg.index_n_heads, cfg.index_topk = 4, 256
+    back = ModelConfig.from_hf(cfg.to_hf())
+    assert (back.index_n_heads, back.index_head_dim, back.index_topk, back.index_layers) == (4, 64, 256, None)

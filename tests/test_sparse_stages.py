@@ -1,0 +1,79 @@
+"""DSA's training stages: what trains in each, and that the warm-up fits the indexer."""
+
+import argparse
+
+import torch
+
+from nanoseek.model.indexer import indexer_parameters
+from nanoseek.train.sparse_stages import add_stage_args, indexer_warmup, indexers, set_stage, sparse_train, token_batches
+from tests.test_sparse_attention import VOCAB, dense_and_sparse, ids
+
+
+def batches(B=2, T=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, VOCAB, (B, T + 1), generator=g)
+
+
+def split(model):
+    ix = {id(p) for p in indexer_parameters(model)}
+    return [p for p in model.parameters() if id(p) in ix], [p for p in model.parameters() if id(p) not in ix]
+
+
+def test_warmup_trains_only_the_indexer_and_lowers_the_kl():
+    dense, model = dense_and_sparse("gqa", topk=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hist = indexer_warmup(model, batches(), steps=30, lr=1e-2, warmup_steps=2)
+    assert hist[-1] < 0.8 * hist[0]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (".indexer." in n), n
+    # the warm-up ran the main attention densely and switched everything back afterwards
+    assert all(not ix.dense and not ix.kl for ix in indexers(model))
+    x = ids(1, 6)  # shorter than k: still exactly dense
+    with torch.no_grad():
+        assert torch.equal(model(x), dense(x))
+
+
+def test_warmup_gradients_reach_the_indexer_only():
+    _, model = dense_and_sparse("mla-qlora", topk=8)
+    set_stage(model, "indexer-warmup")
+    with torch.no_grad():  # the warm-up's main forward needs no graph: the KL grads land anyway
+        model.hidden_states(ids(1, 30))
+    ix, main = split(model)
+    assert all(p.grad is not None for p in ix) and all(p.grad.any() for p in ix if p.ndim == 2)
+    assert all(p.grad is None for p in main)
+    kl_grads = [p.grad.clone() for p in ix]
+    model(ids(1, 30)).sum().backward()  # with autograd on, the output's grads skip the indexer
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(ix, kl_grads))  # same KL grads, added twice
+    set_stage(model, None)
+
+
+def test_sparse_stage_lm_loss_never_reaches_the_indexer():
+    _, model = dense_and_sparse("gqa", topk=8)
+    set_stage(model, "sparse")
+    x = ids(2, 40)
+    logits = model(x)  # the indexers' KL (over the selected keys) is backpropagated here
+    ix, main = split(model)
+    kl_grads = [p.grad.clone() for p in ix]
+    assert all(g.any() for g in kl_grads)
+    assert all(p.grad is None for p in main)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(ix, kl_grads))
+    assert all(p.grad is not None for p in main) and any(p.grad.any() for p in main)
+    set_stage(model, None)
+
+
+def test_sparse_train_runs_and_returns_losses():
+    _, model = dense_and_sparse("mla", topk=8)
+    hist = sparse_train(model, batches(T=24), steps=3, lr=1e-3, indexer_lr=1e-3, warmup_steps=1)
+    assert len(hist) == 3 and all(h["loss"] > 0 and h["kl"] >= 0 for h in hist)
+    assert all(not ix.kl for ix in indexers(model)) and not model.training
+
+
+def test_stage_cli_args_and_token_batches():
+    p = argparse.ArgumentParser()
+    add_stage_args(p)
+    a = p.parse_args(["--stage", "indexer-warmup", "--data", "x.txt", "--out", "o", "--index-topk", "256"])
+    assert a.stage == "indexer-warmup" and a.index_topk == 256 and a.index_layers is None
+    b = next(token_batches(torch.arange(100), seq_len=10, batch_size=3))
+    assert b.shape == (3, 11) and torch.equal(b[:, 1:] - b[:, :-1], torch.ones(3, 10, dtype=torch.long))
