@@ -347,10 +347,10 @@ class Trainer:
                 if len(ev) > 1:
                     self.log.write(ev)
                     last.update({k: v for k, v in ev.items() if k != "step"})
-                if cfg.run.plot and self.info.is_main:
-                    plot_curves(self.out / "log.jsonl", self.out / "curves.png")
             if self.step % cfg.run.save_every == 0 or done:
                 self.save_checkpoint()
+                if cfg.run.plot and self.info.is_main:  # matplotlib is slow: only with checkpoints
+                    plot_curves(self.out / "log.jsonl", self.out / "curves.png")
             if done:
                 break
         bar.close()
