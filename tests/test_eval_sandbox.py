@@ -145,7 +145,7 @@ def test_fork_bomb_is_contained(batch):
     # The machine is fine: we can still start processes, and no sandbox process survives.
     assert subprocess.run(["true"]).returncode == 0
     if os.geteuid() == 0:
-        for slot in range(2):
+        for slot in range(sandbox.MAX_SLOTS):
             uid = sandbox._identity(slot)[0]
             assert sandbox._count_processes(uid, include_zombies=False) == 0
 
@@ -215,3 +215,31 @@ def test_isolation_is_the_strongest_available():
                            capture_output=True, **ids)
     expected = "bwrap" if probe.returncode == 0 else ("unshare", "none")
     assert sandbox.isolation() in expected
+
+
+@pytest.mark.parametrize("backend", ["unshare", "none"])
+def test_fallback_backends_still_contain(backend):
+    """The weaker backends, forced, on what every backend guarantees (plus no network for
+    unshare), so the fallbacks do not rot on machines that always have bubblewrap."""
+    if backend == "unshare" and not shutil.which("unshare"):
+        pytest.skip("no unshare here")
+    python = sandbox._setup().python
+    programs = {
+        "honest": "assert sorted([3, 1, 2]) == [1, 2, 3]\n",
+        "early_exit": "import os\nos._exit(0)\n",
+        "fork_bomb": "import os\nwhile True:\n    os.fork()\n",  # dies at the limit
+        "memory_bomb": hostile_programs(9, "x")["memory_bomb"],
+        "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\n",
+    }
+    results = {}
+    for name, program in programs.items():
+        with sandbox._slot() as slot:
+            results[name] = sandbox._run(program, LIMITS, slot, backend, python)
+    if backend == "unshare" and not results["honest"].passed:
+        pytest.skip(f"unshare -rn does not work here: {results['honest'].result}")
+    assert results["honest"].passed, results["honest"]
+    assert results["early_exit"].result.startswith("failed: exited with code 0")
+    assert not results["fork_bomb"].passed
+    assert "MemoryError" in results["memory_bomb"].result
+    if backend == "unshare":
+        assert results["network"].result.startswith("failed:")

@@ -3,5 +3,5 @@
 Modules: `gsm8k` and `humaneval` (problems, prompts, extraction, scoring), `sandbox`
 (contained execution of model-written code), `runner` (Generator protocol, OpenAI-compatible
 HTTP backend, run_gsm8k / run_humaneval / compare) and `cli` (`nanoseek eval ...`).
-Nothing here imports torch: the model is whatever implements `runner.Generator`.
+These modules do not import torch: the model is whatever implements `runner.Generator`.
 """

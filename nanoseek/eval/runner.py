@@ -113,7 +113,13 @@ class OpenAIGenerator:
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._sample, requests))
+            futures = [pool.submit(self._sample, request) for request in requests]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:  # an error or Ctrl-C: send nothing more
+                for future in futures:
+                    future.cancel()
+                raise
 
     def close(self) -> None:
         self._client.close()

@@ -31,6 +31,7 @@ integrity against a determined adversary, is what the process boundary guarantee
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -126,6 +127,22 @@ class ExecResult:
         return self.result == "timed out"
 
 
+# Slots are per process, shared by every caller: a slot's uid must never run two programs at
+# once, or cleaning up after one would kill the other. LIFO keeps reusing the low slots.
+_FREE_SLOTS: queue.LifoQueue[int] = queue.LifoQueue()
+for _slot_number in reversed(range(MAX_SLOTS)):
+    _FREE_SLOTS.put(_slot_number)
+
+
+@contextlib.contextmanager
+def _slot():
+    slot = _FREE_SLOTS.get()  # blocks while MAX_SLOTS programs are running
+    try:
+        yield slot
+    finally:
+        _FREE_SLOTS.put(slot)
+
+
 @dataclass(frozen=True)
 class _Setup:
     backend: str  # "bwrap" | "unshare" | "none"
@@ -135,13 +152,12 @@ class _Setup:
 # ----------------------------------------------------------------------------- public API
 
 
-def run_program(program: str, limits: Limits = Limits(), slot: int = 0) -> ExecResult:
+def run_program(program: str, limits: Limits = Limits()) -> ExecResult:
     """Run one complete program (e.g. prompt + completion + tests + check call) contained.
-
-    `slot` picks the worker identity; two programs must not run on the same slot at once.
-    """
+    Safe to call from many threads: each run holds its own slot (identity) while it runs."""
     setup = _setup()
-    return _run(program, limits, slot, setup.backend, setup.python)
+    with _slot() as slot:
+        return _run(program, limits, slot, setup.backend, setup.python)
 
 
 def run_programs(
@@ -157,26 +173,25 @@ def run_programs(
     if not 1 <= workers <= MAX_SLOTS:
         raise ValueError(f"workers must be in 1..{MAX_SLOTS}, got {workers}")
     _setup()  # detect once, before the threads start, so the warning appears once
-    free_slots: queue.Queue[int] = queue.Queue()
-    for slot in range(workers):
-        free_slots.put(slot)
     results: list[ExecResult | None] = [None] * len(programs)
     lock = threading.Lock()
 
     def job(index: int) -> None:
-        slot = free_slots.get()
-        try:
-            result = run_program(programs[index], limits, slot)
-        finally:
-            free_slots.put(slot)
+        result = run_program(programs[index], limits)
         results[index] = result
         if on_result is not None:
             with lock:
                 on_result(index, result)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(job, i) for i in range(len(programs))]:
-            future.result()
+        futures = [pool.submit(job, i) for i in range(len(programs))]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # an error or Ctrl-C: do not start the programs still queued
+            for future in futures:
+                future.cancel()
+            raise
     return results  # type: ignore[return-value]
 
 
@@ -358,10 +373,8 @@ def _read_back(handle) -> str:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_uid(uid: int, include_zombies: bool, wait_s: float = 3.0) -> None:
@@ -409,8 +422,16 @@ def _process_matches(pid: str, uid: int, include_zombies: bool) -> bool:
 # ------------------------------------------------------------------- detecting isolation
 
 
-@functools.lru_cache(maxsize=1)
+_SETUP_LOCK = threading.Lock()
+
+
 def _setup() -> _Setup:
+    with _SETUP_LOCK:  # the first callers may race; detect (and warn) only once
+        return _detect()
+
+
+@functools.lru_cache(maxsize=1)
+def _detect() -> _Setup:
     """Pick the strongest backend that works here, with an interpreter the sandbox can run.
 
     Detection runs a trivial program through the real path, so a backend counts as
@@ -418,7 +439,9 @@ def _setup() -> _Setup:
     """
     for backend in _available_backends():
         for python in _interpreters():
-            if _run("pass\n", Limits(timeout=10.0), 0, backend, python).passed:
+            with _slot() as slot:
+                works = _run("pass\n", Limits(timeout=10.0), slot, backend, python).passed
+            if works:
                 if backend == "none":
                     _warn_no_isolation()
                 return _Setup(backend, python)
