@@ -72,6 +72,8 @@ def wrap(model: torch.nn.Module, info: DistInfo, kind: str) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
     # buffers (the routers' balancing bias) are updated identically on every rank from the
     # all-reduced loads, so there is nothing to broadcast
+    import warnings
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
     return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                find_unused_parameters=model.config.is_moe, broadcast_buffers=False)
 
