@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+# the chat page's browser test must run in CI, not skip
+export NANOSEEK_REQUIRE_BROWSER=1
 exec python3 -m pytest -q "$@"

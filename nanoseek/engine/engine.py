@@ -38,6 +38,8 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         self.arrival, self.first_token_time, self.last_token_time = arrival, None, None
         self.text, self.finish_reason, self.stop_reason = "", None, None
+        # incremental detokenization (as vLLM does): text of ids[prefix:read] is already in self.text
+        self.prefix_offset = self.read_offset = 0
         self.logprobs = [] if params.logprobs is not None else None
         self.cached_tokens = 0
 
@@ -244,15 +246,34 @@ class Engine:
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             seq.finish_reason, seq.stop_reason = "stop", token
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            delta = self._detokenize(seq)
             for s in p.stop:
-                at = seq.text.find(s)
+                # a new match must overlap the new text: search only the tail that can hold it
+                at = seq.text.find(s, max(0, len(seq.text) - len(delta) - len(s) + 1))
                 if at >= 0:
                     seq.text = seq.text[:at]
                     seq.finish_reason, seq.stop_reason = "stop", s
                     break
         if seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """Append the newly completed text to seq.text in O(1) decodes per token.
+
+        Decoding a short window (a few tokens of left context, so SentencePiece spaces and
+        merges come out right) and diffing against the same window without the new tokens
+        avoids re-decoding the whole output. Text is held back while it ends in an incomplete
+        UTF-8 character (U+FFFD).
+        """
+        ids, dec = seq.output_ids, self.tokenizer.decode
+        before = dec(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        after = dec(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        delta = after[len(before):]
+        seq.text += delta
+        seq.prefix_offset, seq.read_offset = max(seq.read_offset - 4, 0), len(ids)
+        return delta
 
     def _visible_text(self, seq: Sequence) -> str:
         """Text safe to show now: never half a UTF-8 character, never a possible stop-string prefix."""
@@ -268,7 +289,8 @@ class Engine:
 
     def _output(self, req: Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, self._visible_text(s), list(s.output_ids), s.finish_reason,
-                                 s.logprobs, s.stop_reason) for s in req.seqs]
+                                 None if s.logprobs is None else list(s.logprobs), s.stop_reason)
+                for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished,
                              req.seqs[0].cached_tokens)
 

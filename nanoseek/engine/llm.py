@@ -76,6 +76,7 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._inbox = []          # ("add", args) / ("abort", rid)
         self._streams = {}        # rid -> (loop, asyncio.Queue)
+        self._aborted = set()     # aborts that arrived before their request was added
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
         self._thread.start()
@@ -87,6 +88,10 @@ class AsyncLLM:
             for kind, arg in inbox:
                 if kind == "add":
                     rid, prompt, params = arg
+                    if rid in self._aborted:
+                        self._aborted.discard(rid)
+                        self._deliver(rid, RuntimeError(f"request {rid} was aborted"))
+                        continue
                     try:
                         self.engine.add_request(prompt, params, rid)
                     except Exception as e:  # bad request: report to its stream, keep serving
@@ -95,6 +100,10 @@ class AsyncLLM:
                     out = self.engine.abort(arg)
                     if out is not None:
                         self._deliver(arg, out)
+                    else:  # its add may still be on the way: drop it when it comes (bounded memory)
+                        self._aborted.add(arg)
+                        if len(self._aborted) > 4096:
+                            self._aborted.pop()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
