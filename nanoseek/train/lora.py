@@ -30,6 +30,11 @@ from nanoseek.errors import NanoseekError
 PEFT_PREFIX = "base_model.model."
 
 
+def hf_module(name: str) -> str:
+    """Our module name -> transformers' (`layers.0.self_attn.q_proj` -> `model.layers.0...`)."""
+    return name if name == "lm_head" else hf_name(name)
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear (same weight, same name) plus a trainable low-rank update."""
 
@@ -66,7 +71,7 @@ class LoRALinear(nn.Linear):
 def matches(name: str, targets) -> bool:
     """PEFT's rule on the HF module name: a regex string must match it whole; a list entry
     must equal it or be its last dotted component(s)."""
-    full = hf_name(name)
+    full = hf_module(name)
     if isinstance(targets, str):
         return re.fullmatch(targets, full) is not None
     return any(full == t or full.endswith("." + t) for t in targets)
@@ -121,8 +126,8 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     """PEFT key names -> tensors."""
     sd = {}
     for n, m in lora_modules(model).items():
-        sd[f"{PEFT_PREFIX}{hf_name(n)}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
-        sd[f"{PEFT_PREFIX}{hf_name(n)}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+        sd[f"{PEFT_PREFIX}{hf_module(n)}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        sd[f"{PEFT_PREFIX}{hf_module(n)}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
     return sd
 
 
@@ -180,7 +185,7 @@ def load_adapter(model, adapter_dir, merge: bool = True):
     for key, t in load_file(str(weights)).items():
         name = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
         module, _, part = name.rpartition(".lora_")
-        ours = our_name(module, n_layers) if module != "lm_head" else "lm_head"
+        ours = our_name(module, n_layers)
         if ours not in expected or part not in ("A.weight", "B.weight"):
             raise NanoseekError(f"{weights}: tensor {key} matches no adapted module of this model")
         target = getattr(expected[ours], "lora_" + part.split(".")[0]).weight
@@ -191,7 +196,24 @@ def load_adapter(model, adapter_dir, merge: bool = True):
         loaded.add((ours, part))
     missing = [n for n in expected if (n, "A.weight") not in loaded or (n, "B.weight") not in loaded]
     if missing:
-        raise NanoseekError(f"{weights}: no weights for {len(missing)} adapted module(s), e.g. {hf_name(missing[0])}")
+        raise NanoseekError(f"{weights}: no weights for {len(missing)} adapted module(s), e.g. {hf_module(missing[0])}")
     if merge:
         merge_lora(model)
     return model
+
+
+def load_with_adapter(path_or_repo_id=None, precision: str = "fp32", adapter=None):
+    """nanoseek.load + a LoRA adapter folded into the weights: serve a fine-tune at base speed."""
+    from nanoseek.loading import load
+    if adapter is None:
+        return load(path_or_repo_id, precision)
+    model, tok = load(path_or_repo_id, "fp32")  # merge in fp32, then cast: bf16 would round the small update away
+    load_adapter(model, adapter, merge=True)
+    if precision == "bf16":
+        bias = {n: b.clone() for n, b in model.named_buffers() if "e_score_correction_bias" in n}
+        model.to(torch.bfloat16)
+        for n, b in bias.items():  # the balancing bias stays fp32
+            model.get_buffer(n).data = b
+    elif precision != "fp32":
+        raise NanoseekError(f"precision {precision!r}: an adapter can be merged into fp32 or bf16 weights")
+    return model, tok
