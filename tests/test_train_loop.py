@@ -193,3 +193,15 @@ def test_sft_loss_only_on_assistant_tokens(data, tmp_path):
         question_ids = row_x[: row_x.index(tok.token_to_id("<|im_end|>"))]
         assert all(m == -1 for m in row_y[: len(question_ids) - 1])  # no loss on the prompt
     tr.close()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "configs").glob("*")))
+def test_shipped_configs_parse(path):
+    if Path(path).name.startswith("speedrun"):
+        from nanoseek.train.speedrun import _split_overrides
+        knobs, stages = _split_overrides(path, [])
+        assert knobs and set(stages) == {"pretrain", "sft"}
+        for stage in stages.values():
+            load_config(None, [], base={**stage, "data": {"shards": "x", **stage.get("data", {})}})
+    else:
+        load_config(path)

@@ -95,7 +95,7 @@ def add_speedrun_parser(subparsers) -> argparse.ArgumentParser:
                                                     "and train sections [pretrain.*] / [sft.*])")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a knob: speedrun.pretrain_steps=300, pretrain.optim.lr=0.004, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, robust on a shared CPU)")
     p.add_argument("--quiet", action="store_true")
 
     def run(args):

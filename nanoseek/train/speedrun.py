@@ -26,7 +26,7 @@ GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
 KNOBS = {
     "seed": 0,
     "levels": [1, 2, 3, 4, 5],
-    "train_per_level": 4000,        # generated training problems per level (pretraining text and SFT)
+    "train_per_level": 2000,        # generated training problems per level (pretraining text and SFT)
     "heldout_per_level": 40,        # held-out problems per level (accuracy)
     "text_files": [],               # extra pretraining text: .txt / .jsonl (text field) / GSM8K-style JSONL
     "gsm8k": GSM8K_TRAIN,           # GSM8K train as extra text when the file exists ("" to skip)
@@ -35,8 +35,8 @@ KNOBS = {
     "model_overrides": {},
     "seq_len": 256,
     "batch_size": 8,
-    "pretrain_steps": 300,
-    "sft_steps": 120,
+    "pretrain_steps": 200,
+    "sft_steps": 80,
     "eval_max_tokens": 160,
 }
 
@@ -159,7 +159,9 @@ def _split_overrides(config, overrides):
     return knobs, stages
 
 
-def speedrun(out, quick: bool = False, config=None, overrides=(), threads=None, progress: bool = True) -> dict:
+def speedrun(out, quick: bool = False, config=None, overrides=(), threads=1, progress: bool = True) -> dict:
+    """Run the pipeline into `out`. threads=1 by default: on a shared 2-core machine torch's
+    OpenMP threads spin against other processes and a step can get 10x slower with 2."""
     from nanoseek.train.evaluate import accuracy_by_level
     from nanoseek.train.trainer import Trainer, load_tokenizer
 
