@@ -8,7 +8,7 @@ form, MQA over the latent, so K and V are one gathered tensor there, as in Flash
 sparse kernel).
 
 GQA's key heads are gathered as one row per token ([Hkv * D] contiguous), which is what
-makes the gather cheap on a CPU; the per-head matmuls read it through a strided view.
+makes the gather cheap on a CPU; see sparse_attention for how the heads then share it.
 """
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from nanoseek.model.indexer import IndexerOutput, fit_indexer, index_scores, recency_bias, select_topk
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
-GATHER_CHUNK = 32
+GATHER_CHUNK = 64
 
 
 def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUNK):
@@ -24,24 +24,46 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     rows of a pool; idx [T, k] rows of the pool each query attends to; valid [T, k] or None.
     -> [T, H, Dv]. Differentiable in q, K, V (index_select's backward scatters into K, V)."""
     T, H, Dk = q.shape
-    Hkv = K.shape[1]
+    P, Hkv = K.shape[:2]
     g, k = H // Hkv, idx.shape[1]
-    Kf = K.reshape(K.shape[0], -1)                       # one row per token: all key heads
-    Vf = None if V is None else V.reshape(V.shape[0], -1)
-    out = q.new_empty(T, H, v_dim)
+    Dv = v_dim if V is None else V.shape[-1]
+    Kf = K.reshape(P, Hkv * Dk)                          # one row per token: all key heads
+    Vf = None if V is None else V.reshape(P, Hkv * Dv)
+    if Hkv > 1:
+        # GQA: spread each query head over its group's slice of the row (zeros elsewhere), so
+        # one bmm per query serves every head straight from the gathered rows: Hkv x the
+        # exact product's flops, which are cheap here, instead of per-head copies of K and V
+        spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)   # [H, Hkv]
+        q = (q.unsqueeze(2) * spread[None, :, :, None]).reshape(T, H, Hkv * Dk)
+    # scores as K_sel @ q^T: the big gathered operand stays the plain row-major one (on this
+    # CPU's bf16 matmuls that is ~2x faster than q @ K_sel^T)
+    qT = q.transpose(1, 2).contiguous()                                                 # [T, Hkv*Dk, H]
+    training = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad)
+    C = min(chunk, T)
+    bufK = None if training else K.new_empty(C * k, Hkv * Dk)
+    bufV = None if training or Vf is None else K.new_empty(C * k, Hkv * Dv)
+    out = q.new_empty(T, H, Dv)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         C = b - a
         rows = idx[a:b].reshape(-1)
-        Kg = Kf.index_select(0, rows).view(C, k, Hkv, Dk)
-        Vg = Kg[..., :v_dim] if Vf is None else Vf.index_select(0, rows).view(C, k, Hkv, v_dim)
-        # [C, Hkv, g, Dk] x [C, Hkv, Dk, k] -> scores [C, Hkv, g, k]
-        qc = q[a:b].view(C, Hkv, g, Dk)
-        s = torch.matmul(qc, Kg.permute(0, 2, 3, 1)).float() * scale
+        Kg = (Kf.index_select(0, rows) if training else
+              torch.index_select(Kf, 0, rows, out=bufK[:C * k])).view(C, k, Hkv * Dk)
+        if Vf is None:
+            Vg = Kg  # MLA: the latent is the value too (its first v_dim channels; the rest is cut below,
+            #          multiplying whole rows is faster than a strided view of them)
+        else:
+            Vg = (Vf.index_select(0, rows) if training else
+                  torch.index_select(Vf, 0, rows, out=bufV[:C * k])).view(C, k, Hkv * Dv)
+        s = torch.bmm(Kg, qT[a:b]).transpose(1, 2).float().mul_(scale).contiguous()    # [C, H, k]
         if valid is not None:
-            s.masked_fill_(~valid[a:b, None, None, :], float("-inf"))
-        p = s.softmax(-1).to(q.dtype)
-        out[a:b] = torch.matmul(p, Vg.transpose(1, 2)).view(C, H, v_dim)
+            s.masked_fill_(~valid[a:b, None, :], float("-inf"))
+        o = torch.bmm(s.softmax(-1).to(Kg.dtype), Vg)                                 # [C, H, Hkv*Dv]
+        if Vf is None:
+            o = o[..., :v_dim]
+        if Hkv > 1:  # keep each head's own group slice
+            o = o.view(C, Hkv, g, Hkv, Dv).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        out[a:b] = o.reshape(C, H, Dv)
     return out
 
 

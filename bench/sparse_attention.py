@@ -1,0 +1,287 @@
+"""DSA sparse attention vs dense (PyTorch SDPA) on this CPU: speed, memory, and quality.
+
+    python bench/sparse_attention.py speed --config mla --lengths 4096,8192,16384,32768
+    python bench/sparse_attention.py quality --steps 40 --topk 512
+
+speed: prefill time and peak memory (RSS, each measurement in a fresh process) and decode
+time per token, for a bench model of `--layers` layers with random weights, dense (the model
+without indexers: SDPA with is_causal) vs sparse (the same model with DSA indexers). Decode
+runs on a cache filled with random keys of the given length: its cost depends on shapes only.
+Configs:
+  mla     DeepSeek-V2-Lite-like MLA (dim 2048, 16 heads, kv_lora 512, rope 64, v 128) with
+          nope 64 instead of 128, so that q/k and v head dims match (128) and dense SDPA runs
+          its flash kernel (with 192 vs 128 it falls back to the math path, which materialises
+          the n x n scores); dense SwiGLU FFN 1408; indexer 4 heads x 64 (rope 32), k = --topk
+  smollm2 SmolLM2-135M's layer (dim 576, GQA 9/3 heads x 64, FFN 1536); indexer 4 x 64
+Writes bench/results/sparse_<config>.json and .png.
+
+quality: converts SmolLM2-135M-Instruct (nanoseek.load) with the warm-up stage on Python's
+own documentation text (pydoc topics, first 80%), then compares held-out perplexity (last
+20%) at 2K/4K/8K and passkey retrieval at several depths, dense vs sparse. Writes
+bench/results/sparse_quality.json.
+"""
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.model.indexer import add_indexers  # noqa: E402
+from nanoseek.model.kv_cache import DenseKVCache  # noqa: E402
+from nanoseek.model.transformer import Transformer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+CONFIGS = {
+    "mla": dict(arch="deepseek_v3", attn_type="mla", vocab_size=32000, dim=2048, n_heads=16, q_lora_rank=0,
+                kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, inter_dim=1408,
+                n_activated_experts=1, rope_interleave=True, max_seq_len=65536),
+    "smollm2": dict(arch="llama", attn_type="gqa", vocab_size=49152, dim=576, n_heads=9, n_kv_heads=3, head_dim=64,
+                    inter_dim=1536, rope_theta=100000.0, max_seq_len=65536),
+}
+
+
+def build(config, layers, topk, index_heads, index_dim, sparse):
+    cfg = ModelConfig(**CONFIGS[config], n_layers=layers)
+    model = Transformer(cfg).init_weights(seed=0).to(torch.bfloat16).eval()
+    if sparse:
+        add_indexers(model, index_heads, index_dim, topk)
+    return model
+
+
+def fill_cache(model, n):
+    """A cache holding n random tokens (decode cost depends on shapes, not values)."""
+    cfg = model.config
+    cache = DenseKVCache(cfg.n_layers, n + 16)
+    g = torch.Generator().manual_seed(0)
+    for i, layer in enumerate(model.layers):
+        if cfg.attn_type == "mla":
+            cache.k[i] = torch.randn(1, n + 16, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g).bfloat16()
+        else:
+            cache.k[i] = torch.randn(1, n + 16, cfg.n_kv_heads, cfg.head_dim, generator=g).bfloat16()
+            cache.v[i] = torch.randn(1, n + 16, cfg.n_kv_heads, cfg.head_dim, generator=g).bfloat16()
+        if layer.self_attn.indexer is not None:
+            cache.ik[i] = torch.randn(1, n + 16, cfg.index_head_dim, generator=g).bfloat16()
+    cache.length = n
+    return cache
+
+
+def one(args):
+    """One measurement in this (fresh) process: prints a JSON line."""
+    torch.set_num_threads(args.threads)
+    model = build(args.config, args.layers, args.topk, args.index_heads, args.index_dim, args.mode == "sparse")
+    n = args.n
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        h = model.hidden_states(ids)
+        model.logits(h[:, -1:])
+        prefill = time.perf_counter() - t0
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        del h
+        cache = fill_cache(model, n)
+        tok = torch.tensor([[1]])
+        steps = []
+        for i in range(args.decode_steps + 1):
+            t0 = time.perf_counter()
+            model(tok, torch.tensor([[cache.length]]), cache)
+            cache.advance(1)
+            steps.append(time.perf_counter() - t0)
+    print(json.dumps(dict(config=args.config, mode=args.mode, n=n, prefill_s=prefill,
+                          decode_ms=1000 * sorted(steps[1:])[len(steps[1:]) // 2],
+                          peak_rss_mb=rss1 / 1024, rss_before_prefill_mb=rss0 / 1024)), flush=True)
+
+
+def speed(args):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"sparse_{args.config}.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() and args.resume else []
+    done = {(r["mode"], r["n"]) for r in rows}
+    for n in [int(x) for x in args.lengths.split(",")]:
+        for mode in ("sparse", "dense"):
+            if (mode, n) in done:
+                continue
+            cmd = [sys.executable, __file__, "_one", "--mode", mode, "--n", str(n), "--config", args.config,
+                   "--layers", str(args.layers), "--topk", str(args.topk), "--index-heads", str(args.index_heads),
+                   "--index-dim", str(args.index_dim), "--threads", str(args.threads),
+                   "--decode-steps", str(args.decode_steps)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stderr[-2000:], file=sys.stderr)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            meta = dict(config=args.config, model=CONFIGS[args.config], layers=args.layers, topk=args.topk,
+                        index_heads=args.index_heads, index_dim=args.index_dim, threads=args.threads,
+                        torch=torch.__version__)
+            out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    plot(out)
+
+
+def plot(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.loads(Path(path).read_text())
+    rows, meta = data["rows"], data["meta"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode, style in (("dense", "o-"), ("sparse", "s-")):
+        rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["n"])
+        ns = [r["n"] for r in rs]
+        axes[0].plot(ns, [r["prefill_s"] for r in rs], style, label=mode)
+        axes[1].plot(ns, [r["peak_rss_mb"] for r in rs], style, label=mode)
+        axes[2].plot(ns, [r["decode_ms"] for r in rs], style, label=mode)
+    for ax, title in zip(axes, ["prefill time (s)", "peak RSS (MB)", "decode time per token (ms)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(f"DSA vs dense SDPA, {meta['config']} x {meta['layers']} layers, top-k {meta['topk']}, "
+                 f"indexer {meta['index_heads']}x{meta['index_dim']}, {meta['threads']} CPU thread(s), bf16")
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+
+
+# ---- quality: SmolLM2-135M converted with the warm-up stage ---------------------------------
+
+def text_tokens(tok):
+    import pydoc_data.topics as topics
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False))
+    cut = int(len(ids) * 0.8)
+    return ids[:cut], ids[cut:]
+
+
+@torch.inference_mode()
+def perplexity(model, ids, ctx, windows):
+    """Mean NLL over the second half of each window (every scored token sees >= ctx/2 context)."""
+    nll, count = 0.0, 0
+    for w in range(windows):
+        start = w * ctx
+        x = ids[start:start + ctx + 1]
+        if len(x) < ctx + 1:
+            break
+        logits = model.logits(model.hidden_states(x[None, :-1])[:, ctx // 2:])
+        nll += torch.nn.functional.cross_entropy(logits[0], x[1 + ctx // 2:], reduction="sum").item()
+        count += ctx - ctx // 2
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@torch.inference_mode()
+def passkey(model, tok, ctx, depth, key):
+    """Hide `key` at `depth` (0..1) of a ~ctx-token haystack; greedy-decode the answer."""
+    n_fill = len(tok.encode(FILLER, add_special_tokens=False))
+    reps = max((ctx - 60) // n_fill, 1)
+    at = int(reps * depth)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    text = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            + FILLER * at + needle + FILLER * (reps - at) + "What is the pass key? The pass key is")
+    ids = torch.tensor([tok.encode(text)])
+    cache = DenseKVCache(model.config.n_layers, ids.shape[1] + 8)
+    out = []
+    x = ids
+    for _ in range(6):
+        logits = model(x, cache.positions(1, x.shape[1]), cache)
+        cache.advance(x.shape[1])
+        out.append(int(logits[0, -1].argmax()))
+        x = torch.tensor([[out[-1]]])
+    answer = tok.decode(out)
+    return str(key) in answer.replace(" ", ""), answer, ids.shape[1]
+
+
+def quality(args):
+    import nanoseek
+    from nanoseek.train.sparse_stages import indexer_warmup, indexers, token_batches
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "sparse_quality.json"
+    model, tok = nanoseek.load(None, "bf16")
+    dense = copy.deepcopy(model)
+    train, held = text_tokens(tok)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0)
+    for ix in indexers(model):
+        ix.float()  # fp32 master weights while training
+    hist = indexer_warmup(model, token_batches(train, args.seq_len, args.batch_size), steps=args.steps,
+                          lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
+    for ix in indexers(model):
+        ix.to(torch.bfloat16)
+    train_s = time.perf_counter() - t0
+    if args.save:
+        model.save(args.save, tok)
+    res = dict(setup=dict(model="SmolLM2-135M-Instruct bf16", index_heads=args.index_heads, index_dim=args.index_dim,
+                          topk=args.topk, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                          lr=args.lr, train_tokens=len(train), heldout_tokens=len(held), threads=args.threads),
+               warmup=dict(seconds=train_s, kl_first=hist[0], kl_last=hist[-1], kl=hist), ppl={}, passkey=[])
+    for ctx in [int(c) for c in args.ppl_lengths.split(",")]:
+        d = perplexity(dense, held, ctx, args.windows)
+        s = perplexity(model, held, ctx, args.windows)
+        res["ppl"][ctx] = dict(dense=d, sparse=s, rel=(s - d) / d)
+        log(f"ppl@{ctx}: dense {d:.3f} sparse {s:.3f} ({100 * (s - d) / d:+.2f}%)")
+        out.write_text(json.dumps(res, indent=1))
+    for ctx in [int(c) for c in args.passkey_lengths.split(",")]:
+        for depth in [float(x) for x in args.depths.split(",")]:
+            key = 10000 + (int(ctx * 7 + depth * 1000) * 7919) % 89999
+            ok_d, ans_d, n = passkey(dense, tok, ctx, depth, key)
+            ok_s, ans_s, _ = passkey(model, tok, ctx, depth, key)
+            res["passkey"].append(dict(ctx=n, depth=depth, key=key, dense=ok_d, sparse=ok_s,
+                                       dense_answer=ans_d, sparse_answer=ans_s))
+            log(f"passkey ctx {n} depth {depth}: dense {ok_d} sparse {ok_s}  ({ans_d!r} / {ans_s!r})")
+            out.write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: res[k] for k in ("setup", "ppl")}, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("speed", "_one", "quality"):
+        s = sub.add_parser(name)
+        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--topk", type=int, default=512)
+        s.add_argument("--index-heads", type=int, default=4)
+        s.add_argument("--index-dim", type=int, default=64)
+        if name in ("speed", "_one"):
+            s.add_argument("--config", choices=list(CONFIGS), default="mla")
+            s.add_argument("--layers", type=int, default=2)
+            s.add_argument("--decode-steps", type=int, default=5)
+        if name == "speed":
+            s.add_argument("--lengths", default="4096,8192,16384,32768")
+            s.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
+        if name == "_one":
+            s.add_argument("--mode", choices=["dense", "sparse"], required=True)
+            s.add_argument("--n", type=int, required=True)
+        if name == "quality":
+            s.add_argument("--steps", type=int, default=40)
+            s.add_argument("--seq-len", type=int, default=2048)
+            s.add_argument("--batch-size", type=int, default=1)
+            s.add_argument("--lr", type=float, default=1e-3)
+            s.add_argument("--windows", type=int, default=2)
+            s.add_argument("--ppl-lengths", default="2048,4096,8192")
+            s.add_argument("--passkey-lengths", default="2048,4096,8000")
+            s.add_argument("--depths", default="0.1,0.5,0.9")
+            s.add_argument("--save", default=None, help="save the converted model here")
+    args = p.parse_args()
+    {"speed": speed, "_one": one, "quality": quality}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
