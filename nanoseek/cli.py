@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_subcommands():
     """Subcommands that live with their package (serve, eval, data, ...)."""
     regs = []
-    for mod, fn in [("nanoseek.serve.cli", "add_serve_parser"), ("nanoseek.data.cli", "add_data_parser")]:
+    for mod, fn in [("nanoseek.serve.cli", "add_serve_parser"), ("nanoseek.data.cli", "add_data_parser"),
+                    ("nanoseek.eval.cli", "add_eval_parser")]:
         module = __import__(mod, fromlist=[fn])
         regs.append(getattr(module, fn))
     return regs

@@ -1,0 +1,3 @@
+from nanoseek.cli import main
+
+main()
