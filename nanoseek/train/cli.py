@@ -69,6 +69,10 @@ def overrides_from_args(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "stage", None):  # DSA conversion stages live in sparse_stages.py
+        from nanoseek.train.sparse_stages import run_stage
+        run_stage(args)
+        return 0
     from nanoseek.train.config import load_config
     from nanoseek.train.trainer import train
     cfg = load_config(args.config, overrides_from_args(args))
@@ -83,6 +87,11 @@ def cmd_train(args) -> int:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="pretrain or fine-tune (SFT, LoRA); resumes from OUT/checkpoint.pt")
     add_train_arguments(p)
+    try:  # `--stage indexer-warmup|sparse` (DSA); it reuses the flags above that it shares
+        from nanoseek.train.sparse_stages import add_stage_args
+        add_stage_args(p)
+    except ImportError:
+        pass
     p.set_defaults(func=cmd_train)
     return p
 
