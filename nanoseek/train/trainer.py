@@ -55,6 +55,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.info = D.setup(cfg.run.device)
         self.device = self.info.device
+        self._check_data_exists()  # fail on a bad path before minutes of model set-up
         self._seed_everything(cfg.run.seed)
         self.tokenizer, self.tokenizer_dir = None, None
         self.model = self._build_model()
@@ -88,6 +89,16 @@ class Trainer:
         self.peak = peak_flops(self.device.type) * self.info.world_size
 
     # ---- set-up ---------------------------------------------------------------------------
+
+    def _check_data_exists(self):
+        d = self.cfg.data
+        if d.mode == "pretrain":
+            from nanoseek.data.shards import read_index
+            for shards in filter(None, (d.shards, d.eval_shards)):
+                read_index(shards)
+        for field, f in (("data.train_file", d.train_file), ("data.eval_file", d.eval_file)):
+            if d.mode == "sft" and f and not Path(f).is_file():
+                raise NanoseekError(f"{f}: no such file (config field {field})")
 
     def _seed_everything(self, seed: int):
         random.seed(seed)
