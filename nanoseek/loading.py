@@ -14,10 +14,14 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
 
     path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
     Hugging Face repo id (downloaded when a network allows), or None for the embedded
-    default (SmolLM2-135M-Instruct). precision: fp32 | bf16.
+    default (SmolLM2-135M-Instruct). precision: fp32 | bf16, or a quantization scheme
+    (int8 | int8-dynamic | fp8: quantized on load, computing in bf16). A checkpoint whose
+    config.json has a quantization_config loads quantized whatever the precision.
     """
-    if precision not in PRECISIONS:
-        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join(PRECISIONS)})")
+    from nanoseek.quant import SCHEMES, quantize_model
+    if precision not in PRECISIONS and precision not in SCHEMES:
+        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join([*PRECISIONS, *SCHEMES])})")
+    scheme, precision = (precision, "fp32") if precision in SCHEMES else (None, precision)
     path = resolve(path_or_repo_id)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -32,6 +36,8 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
         if (path / "tokenizer.json").is_file():
             from nanoseek.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_dir(path)
+    if scheme is not None:
+        model = quantize_model(model, scheme)
     if tokenizer is not None and not model.config.eos_token_id:
         model.config.eos_token_id = list(tokenizer.eos_token_ids)
     return model, tokenizer

@@ -127,7 +127,11 @@ def build_model(cfg: ModelConfig, tensors, precision: str = "fp32", source: str 
 def load_hf(path, precision: str = "fp32") -> Transformer:
     path = Path(path)
     cfg_path = path / "config.json"
-    cfg = ModelConfig.from_hf(read_json(cfg_path), source=str(cfg_path))
+    hf = read_json(cfg_path)
+    cfg = ModelConfig.from_hf(hf, source=str(cfg_path))
+    if hf.get("quantization_config"):  # stays quantized; precision is the compute dtype
+        from nanoseek.quant.checkpoint import load_quantized
+        return load_quantized(path, cfg, hf["quantization_config"], precision)
     return build_model(cfg, iter_safetensors(safetensors_files(path)), precision, str(cfg_path))
 
 

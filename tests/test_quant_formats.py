@@ -1,0 +1,109 @@
+"""INT8 and FP8 codecs and matmuls: error bounds, odd shapes, kernel paths, batch invariance."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.checkpoint.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
+from nanoseek.quant import int8
+from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second OpenMP thread only adds synchronisation, which on a busy 2-core
+    machine costs 100x (a 12-token generation: 0.1 s on one thread, 12 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[0, 0] = 0.3  # an outlier: its row's step is coarse, the other rows must not care
+    return w
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (37, 33), (2, 5)])
+def test_int8_rows_error_at_most_half_a_step(shape):
+    w = weights(*shape)
+    q, s = int8.quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (shape[0], 1) and int(q.abs().max()) <= 127
+    err = (int8.dequantize_rows(q, s) - w).abs()
+    assert (err <= s / 2 + 1e-7).all()  # symmetric round-to-nearest: at most half a step per element
+    assert (int8.dequantize_rows(q, s)[1:] - w[1:]).norm() / w[1:].norm() < 0.01
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (136, 160), (200, 24), (7, 129)])
+def test_fp8_blocks_error_within_e4m3_rounding(shape):
+    """128x128 blocks, partial edge blocks included: |err| <= 2^-4 |w| (3 mantissa bits),
+    or half the subnormal spacing (2^-10 of the block scale) for tiny values."""
+    w = weights(*shape)
+    q, s = quantize_fp8_blocks(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    d = dequantize_fp8_blocks(q, s)
+    block_scale = s.repeat_interleave(128, 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
+    assert ((d - w).abs() <= torch.maximum(w.abs() * 2**-4, block_scale * 2**-10) * 1.0001).all()
+    assert (d - w).norm() / w.norm() < 0.04
+
+
+def test_weight_only_matmul_all_paths_agree():
+    """The packed GEMV (small M), the dequantise+GEMM path (large M, odd K, misaligned input)
+    and fp32 all compute x @ (q*scale)^T."""
+    w = weights(64, 96)
+    q, s = int8.quantize_rows(w)
+    ref_w = int8.dequantize_rows(q, s)
+    for M in (1, 3, 8, 9, 40):
+        x = torch.randn(M, 96)
+        ref = x @ ref_w.t()
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            out = int8.weight_only_mm(x.to(dtype), q, s)
+            assert out.dtype == dtype
+            assert (out.float() - ref).abs().max() / ref.abs().max() < tol, (M, dtype)
+    # a row view starting 2 bytes into its storage: must be copied to an aligned buffer, not crash
+    x = torch.randn(1, 97).bfloat16()[:, 1:]
+    assert x.data_ptr() % 64 != 0
+    out = int8.weight_only_mm(x, q, s)
+    assert (out.float() - x.float() @ ref_w.t()).abs().max() < 2e-2 * (x.float() @ ref_w.t()).abs().max()
+    q_odd, s_odd = int8.quantize_rows(weights(16, 40))  # K % 16 != 0: the packed kernel would misread
+    x = torch.randn(2, 40).bfloat16()
+    ref = x.float() @ int8.dequantize_rows(q_odd, s_odd).t()
+    assert (int8.weight_only_mm(x, q_odd, s_odd).float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_dynamic_matmul_is_exact_integer_arithmetic_and_batch_invariant():
+    w = weights(48, 64)
+    q, s = int8.quantize_rows(w)
+    x = torch.randn(10, 64)
+    xq, sx = int8.quantize_tokens(x)
+    assert (((xq.float() * sx) - x).abs() <= sx / 2 + 1e-7).all()
+    exact = (xq.double() @ q.double().t()) * sx.double() * s.double().t()
+    out = int8.dynamic_mm(x, q, s)
+    assert torch.allclose(out.double(), exact, rtol=1e-6, atol=1e-9)
+    # per-token scales: a token's output does not depend on its batch-mates
+    assert torch.equal(int8.dynamic_mm(x[3:4], q, s), out[3:4])
+    assert (out - x @ w.t()).norm() / (x @ w.t()).norm() < 0.02
+
+
+def test_modules_expose_dequantised_weight_and_match_float_linear():
+    w, b = weights(40, 64), torch.randn(40) * 0.1
+    x = torch.randn(2, 5, 64)
+    ref = F.linear(x, w, b)
+    for m, tol in ((Int8Linear.from_float(w, b, dtype=torch.float32), 0.01),
+                   (Int8Linear.from_float(w, b, dynamic=True, dtype=torch.float32), 0.02),
+                   (Fp8Linear.from_float(w, b, dtype=torch.float32), 0.05)):
+        assert m.weight.shape == w.shape and m.weight.dtype == torch.float32
+        assert (m.weight - w).norm() / w.norm() < tol
+        y = m(x)
+        assert y.shape == ref.shape and (y - ref).norm() / ref.norm() < tol, m
+    table = weights(300, 64)
+    ids = torch.tensor([[0, 5, 299], [128, 129, 7]])
+    lin8 = Int8Linear.from_float(table, dtype=torch.float32)
+    linf = Fp8Linear.from_float(table, dtype=torch.float32)
+    for emb in (Int8Embedding(lin8.qweight, lin8.weight_scale, torch.float32),
+                Fp8Embedding(linf.qweight, linf.weight_scale_inv, torch.float32)):
+        # a lookup dequantises exactly the rows of the full dequantised table
+        assert torch.equal(emb(ids), emb.weight[ids])
+        assert (emb(ids) - table[ids]).abs().max() < 0.02
