@@ -15,7 +15,7 @@ from nanoseek.errors import NanoseekError
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", "--model_path", "--model-path", dest="model", default=None,
                    help="GGUF file, HF checkpoint dir or repo id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "int8", "int8-dynamic", "fp8"])
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -131,7 +131,8 @@ def _optional_subcommands():
     """Subcommands that live with their package (serve, eval, data, ...)."""
     regs = []
     for mod, fn in [("nanoseek.serve.cli", "add_serve_parser"), ("nanoseek.data.cli", "add_data_parser"),
-                    ("nanoseek.eval.cli", "add_eval_parser")]:
+                    ("nanoseek.eval.cli", "add_eval_parser"), ("nanoseek.train.cli", "add_train_parser"),
+                    ("nanoseek.train.cli", "add_speedrun_parser"), ("nanoseek.quant.cli", "add_quantize_parser")]:
         module = __import__(mod, fromlist=[fn])
         regs.append(getattr(module, fn))
     return regs

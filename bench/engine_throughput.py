@@ -1,0 +1,158 @@
+"""Engine benchmarks on SmolLM2-135M-Instruct, same weights, same run:
+
+  1. batch-1 decode tokens/s: nanoseek vs llama.cpp (llama-cpp-python, same GGUF, 2 threads);
+  2. aggregate output tokens/s, 32 concurrent requests (128-token prompts, 128 new tokens):
+     nanoseek's engine vs transformers `generate` on the 32 prompts as one padded batch
+     (its best of fp32 and bf16), llama.cpp alongside (one request at a time: its Python API
+     does not batch sequences);
+  3. prefix cache: TTFT of a request sharing a 1,000-token prefix, cache on vs off.
+
+    python bench/engine_throughput.py [--skip-llamacpp]
+
+llama.cpp is a bench extra: `CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ..." pip install
+llama-cpp-python==0.3.36` (see docs/BENCHMARKS.md); without it those columns are skipped.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bar_png, machine, median, smollm2_path, timed, write_results  # noqa: E402
+
+import nanoseek  # noqa: E402
+from nanoseek.engine import Engine  # noqa: E402
+
+
+def random_prompts(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 40000, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def engine_decode_tps(engine, prompt, n):
+    engine.add_request(prompt, nanoseek.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    t_first = None
+    while engine.has_unfinished():
+        engine.step()
+        t_first = t_first or time.perf_counter()
+    return (n - 1) / (time.perf_counter() - t_first)
+
+
+def engine_batch_tps(engine, prompts, n):
+    def run():
+        for p in prompts:
+            engine.add_request(p, nanoseek.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+    return len(prompts) * n / timed(run)
+
+
+def engine_ttft(engine, prompt):
+    engine.add_request(prompt, nanoseek.SamplingParams(temperature=0, max_tokens=1))
+    return timed(lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
+
+
+def transformers_batch_tps(path, precision, prompts, n):
+    from transformers import AutoModelForCausalLM
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    x = torch.tensor(prompts)  # equal lengths: no padding needed, the fairest case for transformers
+
+    @torch.inference_mode()
+    def run():
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    run_small = lambda: model.generate(x[:2], attention_mask=torch.ones_like(x[:2]), max_new_tokens=2, do_sample=False)  # noqa: E731
+    with torch.inference_mode():
+        run_small()
+    return len(prompts) * n / timed(run)
+
+
+def llamacpp(path):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=str(path), n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+
+
+def llamacpp_decode_tps(llm, prompt, n):
+    llm.reset()
+    t_first, count = None, 0
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        count += 1
+        if count == 1:
+            t_first = time.perf_counter()
+        if count == n:
+            break
+    return (n - 1) / (time.perf_counter() - t_first)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    path = smollm2_path()
+    res = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 GGUF", "precision": args.precision}
+    model, tok = nanoseek.load(path, args.precision)
+    engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
+    lcpp = None if args.skip_llamacpp else llamacpp(path)
+    short = random_prompts(1, 32, 0)[0]
+
+    # 1. batch-1 decode, interleaved
+    engine_decode_tps(engine, short, 8)
+    ns, lc = [], []
+    for _ in range(args.repeats):
+        ns.append(engine_decode_tps(engine, short, 128))
+        if lcpp is not None:
+            lc.append(llamacpp_decode_tps(lcpp, short, 128))
+    res["decode_b1"] = {"nanoseek": round(median(ns), 1), "llama.cpp": round(median(lc), 1) if lc else None}
+    print(res["decode_b1"], flush=True)
+
+    # 2. 32 concurrent requests, 128 in / 128 out
+    prompts = random_prompts(32, 128, 1)
+    res["batch32"] = {"nanoseek": round(engine_batch_tps(engine, prompts, 128), 1)}
+    for prec in ("fp32", "bf16"):
+        res["batch32"][f"transformers_{prec}"] = round(transformers_batch_tps(path, prec, prompts, 128), 1)
+    if lcpp is not None:
+        t = timed(lambda: [llamacpp_decode_tps(lcpp, p, 128) for p in prompts])
+        res["batch32"]["llama.cpp (sequential)"] = round(32 * 128 / t, 1)
+    best_hf = max(res["batch32"]["transformers_fp32"], res["batch32"]["transformers_bf16"])
+    res["batch32"]["ratio_vs_best_transformers"] = round(res["batch32"]["nanoseek"] / best_hf, 2)
+    print(res["batch32"], flush=True)
+
+    # 3. prefix cache: shared 1,000-token prefix
+    prefix = random_prompts(1, 1000, 2)[0]
+    tails = random_prompts(2 * args.repeats + 1, 24, 3)
+    ttft = {}
+    for on in (False, True):
+        eng = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=on)
+        engine_ttft(eng, prefix + tails[0])  # warm: on "on", this fills the cache
+        ttft["on" if on else "off"] = round(median([engine_ttft(eng, prefix + t) for t in tails[1:]]) * 1000, 1)
+    ttft["speedup"] = round(ttft["off"] / ttft["on"], 1)
+    res["prefix_cache_ttft_ms"] = ttft
+    print(ttft, flush=True)
+
+    lines = [
+        "| benchmark | nanoseek | peer | ratio |", "|---|---|---|---|",
+        f"| batch-1 decode tok/s ({args.precision}) | {res['decode_b1']['nanoseek']} | llama.cpp {res['decode_b1']['llama.cpp']} | "
+        + (f"{res['decode_b1']['nanoseek'] / res['decode_b1']['llama.cpp']:.2f}x |" if res['decode_b1']['llama.cpp'] else "n/a |"),
+        f"| 32 x (128 in, 128 out) output tok/s | {res['batch32']['nanoseek']} | transformers fp32 {res['batch32']['transformers_fp32']}, "
+        f"bf16 {res['batch32']['transformers_bf16']}; llama.cpp {res['batch32'].get('llama.cpp (sequential)')} | "
+        f"{res['batch32']['ratio_vs_best_transformers']}x vs best transformers |",
+        f"| TTFT, 1,000-token shared prefix (ms) | cache on {ttft['on']} | cache off {ttft['off']} | {ttft['speedup']}x |",
+    ]
+    out = Path(args.out)
+    write_results(out, "engine_throughput", res, "\n".join(lines))
+    bar_png(out / "engine_throughput.png", "32 concurrent requests: output tokens/s", ["32 x 128/128"],
+            {k: [v] for k, v in res["batch32"].items() if not k.startswith("ratio") and v}, "tokens/s")
+
+
+if __name__ == "__main__":
+    main()
