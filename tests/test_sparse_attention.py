@@ -175,3 +175,14 @@ def test_dense_config_export_unchanged():
     cfg.index_n_heads, cfg.index_topk = 4, 256
     back = ModelConfig.from_hf(cfg.to_hf())
     assert (back.index_n_heads, back.index_head_dim, back.index_topk, back.index_layers) == (4, 64, 256, None)
+
+
+def test_blocked_selection_equals_one_block(monkeypatch):
+    """Long prefills select and attend SELECT_BLOCK queries at a time; the result is the same."""
+    import nanoseek.model.sparse_attention as sa
+    _, sparse = dense_and_sparse("mla-qlora")
+    x = ids(1, 40, seed=5)
+    with torch.no_grad():
+        one = sparse(x)
+        monkeypatch.setattr(sa, "SELECT_BLOCK", 7)
+        assert (sparse(x) - one).abs().max().item() < 1e-5

@@ -72,8 +72,36 @@ def test_sparse_train_runs_and_returns_losses():
 
 def test_stage_cli_args_and_token_batches():
     p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int)  # a caller's own flags are reused, not duplicated
     add_stage_args(p)
-    a = p.parse_args(["--stage", "indexer-warmup", "--data", "x.txt", "--out", "o", "--index-topk", "256"])
-    assert a.stage == "indexer-warmup" and a.index_topk == 256 and a.index_layers is None
+    a = p.parse_args(["--stage", "indexer-warmup", "--data", "x.txt", "--out", "o", "--index-topk", "256",
+                      "--steps", "3"])
+    assert a.stage == "indexer-warmup" and a.index_topk == 256 and a.index_layers is None and a.steps == 3
     b = next(token_batches(torch.arange(100), seq_len=10, batch_size=3))
     assert b.shape == (3, 11) and torch.equal(b[:, 1:] - b[:, :-1], torch.ones(3, 10, dtype=torch.long))
+
+
+def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
+    """`nanoseek train --stage indexer-warmup` then `--stage sparse` on a saved model; it reloads."""
+    from nanoseek.checkpoint.hf import load_hf
+    from nanoseek.data.shards import ShardWriter
+    from nanoseek.train.sparse_stages import run_stage
+    dense, _ = dense_and_sparse("gqa")
+    dense.save(tmp_path / "dense")
+    w = ShardWriter(tmp_path / "shards", vocab_size=VOCAB)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w.add(torch.randint(1, VOCAB, (50,), generator=g).tolist())
+    w.close(bos_token_id=1, doc_end_token_id=2)
+    p = argparse.ArgumentParser()
+    add_stage_args(p)
+    common = ["--data", str(tmp_path / "shards"), "--steps", "2", "--seq-len", "24", "--index-topk", "8",
+              "--index-head-dim", "16", "--index-heads", "2"]
+    run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "dense"),
+                            "--out", str(tmp_path / "warm")] + common), log=lambda s: None)
+    run_stage(p.parse_args(["--stage", "sparse", "--model", str(tmp_path / "warm"),
+                            "--out", str(tmp_path / "sparse")] + common), log=lambda s: None)
+    m = load_hf(tmp_path / "sparse")
+    assert m.config.index_topk == 8 and all(layer.self_attn.indexer is not None for layer in m.layers)
+    with torch.no_grad():
+        assert torch.isfinite(m(ids(1, 30))).all()

@@ -29,15 +29,10 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     Dv = v_dim if V is None else V.shape[-1]
     Kf = K.reshape(P, Hkv * Dk)                          # one row per token: all key heads
     Vf = None if V is None else V.reshape(P, Hkv * Dv)
-    if Hkv > 1:
-        # GQA: spread each query head over its group's slice of the row (zeros elsewhere), so
-        # one bmm per query serves every head straight from the gathered rows: Hkv x the
-        # exact product's flops, which are cheap here, instead of per-head copies of K and V
-        spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)   # [H, Hkv]
-        q = (q.unsqueeze(2) * spread[None, :, :, None]).reshape(T, H, Hkv * Dk)
-    # scores as K_sel @ q^T: the big gathered operand stays the plain row-major one (on this
-    # CPU's bf16 matmuls that is ~2x faster than q @ K_sel^T)
-    qT = q.transpose(1, 2).contiguous()                                                 # [T, Hkv*Dk, H]
+    # GQA: spread each query head over its group's slice of the row (zeros elsewhere), so one
+    # bmm per query serves every head straight from the gathered rows: Hkv x the exact
+    # product's flops, which are cheap here, instead of per-head copies of K and V
+    spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)       # [H, Hkv]
     training = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad)
     C = min(chunk, T)
     bufK = None if training else K.new_empty(C * k, Hkv * Dk)
@@ -55,7 +50,10 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
         else:
             Vg = (Vf.index_select(0, rows) if training else
                   torch.index_select(Vf, 0, rows, out=bufV[:C * k])).view(C, k, Hkv * Dv)
-        s = torch.bmm(Kg, qT[a:b]).transpose(1, 2).float().mul_(scale).contiguous()    # [C, H, k]
+        qc = q[a:b] if Hkv == 1 else (q[a:b].unsqueeze(2) * spread[None, :, :, None]).reshape(C, H, Hkv * Dk)
+        # scores as K_sel @ q^T: the big gathered operand stays the plain row-major one (on this
+        # CPU's bf16 matmuls that is ~2x faster than q @ K_sel^T)
+        s = torch.bmm(Kg, qc.transpose(1, 2).contiguous()).transpose(1, 2).float().mul_(scale).contiguous()
         if valid is not None:
             s.masked_fill_(~valid[a:b, None, :], float("-inf"))
         o = torch.bmm(s.softmax(-1).to(Kg.dtype), Vg)                                 # [C, H, Hkv*Dv]
@@ -67,27 +65,44 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     return out
 
 
+# Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
+SELECT_BLOCK = 1024
+
+
 def sparse_causal_attention(q, k, v, scale, v_dim, index: IndexerOutput):
     """The no-cache path (training, scoring, one-shot prefill) of a layer with an indexer.
 
     q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] or None -> [B, T, H, Dv].
     """
     B, T = q.shape[:2]
-    outs, selections = [], []
-    for b in range(B):
-        idx, valid = select_topk(index.q[b], index.w[b], index.k[b], 0, index.topk)
-        outs.append(sparse_attention(q[b], k[b], None if v is None else v[b], idx, valid, scale, v_dim))
-        selections.append((idx, valid))
     if index.module.kl:  # the sparse training stage: KL over the selected keys only
+        outs, selections = [], []
+        for b in range(B):
+            idx, valid = select_topk(index.q[b], index.w[b], index.k[b], 0, index.topk)
+            outs.append(sparse_attention(q[b], k[b], None if v is None else v[b], idx, valid, scale, v_dim))
+            selections.append((idx, valid))
         fit_indexer(index, q, k, scale, selections)
-    return torch.stack(outs)
+        return torch.stack(outs)
+    return torch.stack([attend_selected(q[b], k[b], None if v is None else v[b], scale, v_dim,
+                                        index.q[b], index.w[b], index.k[b], 0, index.topk) for b in range(B)])
 
 
 def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk):
-    """Cached attention of one sequence: q [T, H, Dk] at positions start.., K/V/IK its keys
-    0..start+T-1 (main [L, Hkv, D], indexer [L, D_I]) -> [T, H, Dv]."""
-    idx, valid = select_topk(iq, iw, IK, start, topk)
-    return sparse_attention(q, K, V, idx, valid, scale, v_dim)
+    """Attention of one sequence's queries q [T, H, Dk] at positions start.. over their
+    selected keys among K/V/IK, the keys of positions 0..start+T-1 (main [L, Hkv, D],
+    indexer [L, D_I]) -> [T, H, Dv]."""
+    T = q.shape[0]
+    out = None
+    for a in range(0, T, SELECT_BLOCK):
+        b = min(a + SELECT_BLOCK, T)
+        idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)
+        o = sparse_attention(q[a:b], K, V, idx, valid, scale, v_dim)
+        if b - a == T:
+            return o
+        if out is None:
+            out = o.new_empty(T, *o.shape[1:])
+        out[a:b] = o
+    return out
 
 
 # ---- the engine's paged cache ---------------------------------------------------------------

@@ -161,24 +161,29 @@ def token_batches(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int = 
 
 
 def add_stage_args(p):
-    """Options for `nanoseek train --stage indexer-warmup|sparse` (the stage flag is added here
-    unless the caller's parser already has it)."""
-    if not any("--stage" in a.option_strings for a in p._actions):
-        p.add_argument("--stage", choices=STAGES, required=True)
-    g = p.add_argument_group("sparse attention (DSA) stages")
-    g.add_argument("--data", required=True,
-                   help="a nanoseek shard directory (nanoseek data), or text files (comma-separated)")
-    g.add_argument("--out", required=True, help="where to save the converted model (HF format)")
-    g.add_argument("--index-heads", type=int, default=4, help="indexer heads, when the model has no indexer yet")
-    g.add_argument("--index-head-dim", type=int, default=64)
-    g.add_argument("--index-topk", type=int, default=512)
-    g.add_argument("--index-layers", default=None, help="comma-separated layer ids (default: all)")
-    g.add_argument("--steps", type=int, default=100)
-    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 warm-up, 7.3e-6 sparse")
-    g.add_argument("--indexer-lr", type=float, default=1e-4, help="sparse stage: the indexers' lr")
-    g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    """Options for `nanoseek train --stage indexer-warmup|sparse`. Flags the caller's parser
+    already has (--out, --steps, --lr, --seq-len, --batch-size, --seed, ...) are reused, not
+    added again; run_stage reads whichever exist."""
+    have = {o for a in p._actions for o in a.option_strings}
+
+    def add(flag, **kw):
+        if flag not in have:
+            p.add_argument(flag, **kw)
+
+    add("--stage", choices=STAGES, default=None, help="DSA conversion stage (sparse attention)")
+    add("--model", default=None, help="model to convert: checkpoint dir, GGUF, or default (SmolLM2-135M)")
+    add("--data", default=None, help="a nanoseek shard directory, or text files (comma-separated)")
+    add("--out", default=None, help="where to save the converted model (HF format)")
+    add("--index-heads", type=int, default=4, help="indexer heads, when the model has no indexer yet")
+    add("--index-head-dim", type=int, default=64)
+    add("--index-topk", type=int, default=512)
+    add("--index-layers", default=None, help="comma-separated layer ids with an indexer (default: all)")
+    add("--steps", type=int, default=None)
+    add("--lr", type=float, default=None, help="default: 1e-3 warm-up, 7.3e-6 sparse")
+    add("--indexer-lr", type=float, default=1e-4, help="sparse stage: the indexers' lr")
+    add("--seq-len", type=int, default=None)
+    add("--batch-size", type=int, default=None)
+    add("--seed", type=int, default=None)
     return p
 
 
@@ -195,26 +200,44 @@ def _load_data(spec: str, tok, seq_len: int, batch_size: int, seed: int):
 
 
 def run_stage(args, log=None):
-    """Run args.stage on args.model (any nanoseek-loadable model) and save it to args.out."""
+    """Run args.stage on a nanoseek-loadable model and save it to args.out.
+
+    Reads: stage, model (or init_from), data (or shards / train_file), out, index_* options,
+    steps, lr, indexer_lr, seq_len, batch_size, seed, precision; missing ones get defaults."""
     from nanoseek.loading import load
+
+    def arg(name, default=None):
+        v = getattr(args, name, None)
+        return default if v is None else v
+
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    model, tok = load(getattr(args, "model", None), getattr(args, "precision", "bf16"))
+    stage = arg("stage")
+    if stage not in STAGES:
+        raise NanoseekError(f"--stage must be one of {', '.join(STAGES)}")
+    data_spec = arg("data") or arg("shards") or arg("train_file")
+    if not data_spec or not arg("out"):
+        raise NanoseekError(f"--stage {stage} needs --data (shard dir or text files) and --out")
+    seq_len, batch_size, seed = arg("seq_len", 2048), arg("batch_size", 1), arg("seed", 0)
+    model, tok = load(arg("model") or arg("init_from"), arg("precision", "bf16"))
     if not indexers(model):
-        if args.stage == "sparse":
+        if stage == "sparse":
             log("note: the model has no indexer; adding fresh ones (run --stage indexer-warmup first)")
-        layers = None if args.index_layers is None else [int(i) for i in args.index_layers.split(",")]
-        add_indexers(model, args.index_heads, args.index_head_dim, args.index_topk, layers, seed=args.seed)
-    else:
+        layers = None if arg("index_layers") is None else [int(i) for i in str(args.index_layers).split(",")]
+        add_indexers(model, arg("index_heads", 4), arg("index_head_dim", 64), arg("index_topk", 512), layers,
+                     seed=seed)
+    elif arg("index_topk"):
+        model.config.index_topk = args.index_topk
         for ix in indexers(model):
-            ix.topk = model.config.index_topk = args.index_topk
+            ix.topk = args.index_topk
     for ix in indexers(model):  # fp32 master weights: AdamW's small updates vanish in bf16
         ix.float()
-    data = _load_data(args.data, tok, args.seq_len, args.batch_size, args.seed)
-    if args.stage == "indexer-warmup":
-        hist = indexer_warmup(model, data, args.steps, args.lr or 1e-3, log=log)
+    data = _load_data(data_spec, tok, seq_len, batch_size, seed)
+    steps = arg("steps", 100)
+    if stage == "indexer-warmup":
+        hist = indexer_warmup(model, data, steps, arg("lr", 1e-3), log=log)
         log(f"kl {hist[0]:.4f} -> {hist[-1]:.4f}")
     else:
-        hist = sparse_train(model, data, args.steps, args.lr or 7.3e-6, args.indexer_lr, log=log)
+        hist = sparse_train(model, data, steps, arg("lr", 7.3e-6), arg("indexer_lr", 1e-4), log=log)
     for ix in indexers(model):
         ix.to(model.dtype)
     model.save(args.out, tok)
