@@ -241,7 +241,7 @@ def test_load_jsonl_reports_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"question": "q", "answer": "a\n#### 1"})
     path.write_text(good + "\n\n" + "{not json\n")
-    with pytest.raises(NanoseekError, match=rf"{path}:3: invalid JSON"):
+    with pytest.raises(NanoseekError, match=rf"{path}:3: malformed JSON"):
         gsm8k.load_jsonl(str(path))
     path.write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(NanoseekError, match=rf"{path}:2: field 'answer'"):
@@ -249,7 +249,7 @@ def test_load_jsonl_reports_file_and_line(tmp_path):
     path.write_text(json.dumps({"question": "q", "answer": "no final line"}) + "\n")
     with pytest.raises(NanoseekError, match=rf"{path}:1: .*####"):
         gsm8k.load_jsonl(str(path))
-    with pytest.raises(NanoseekError, match="cannot read"):
+    with pytest.raises(NanoseekError, match="missing.jsonl: no such file"):
         gsm8k.load_jsonl(str(tmp_path / "missing.jsonl"))
 
 

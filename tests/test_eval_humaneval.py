@@ -46,7 +46,7 @@ def test_bad_problem_file_names_the_line(tmp_path):
     with gzip.open(path, "wt") as handle:
         handle.write(json.dumps({"task_id": "X/0", "prompt": "", "entry_point": "f", "test": ""}))
         handle.write("\n{broken\n")
-    with pytest.raises(NanoseekError, match=rf"{path}:2: invalid JSON"):
+    with pytest.raises(NanoseekError, match=rf"{path}:2: malformed JSON"):
         humaneval.load_problems(str(path))
 
 

@@ -10,7 +10,6 @@ de-duplication downstream compares like with like. Bad input raises NanoseekErro
 naming the file and line, because the CLI shows only that message.
 """
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from nanoseek.errors import NanoseekError
+from nanoseek.jsonl import iter_jsonl
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -99,27 +99,10 @@ def _make_doc(text: str, source: str) -> Iterator[Document]:
         yield Document(text=text, source=source)
 
 
-def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; malformed lines raise with their number."""
-    _check_file(path)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = _decode_line(path, lineno, raw).strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoseekError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise NanoseekError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
 def read_jsonl(path: str | Path, field: str = "text") -> Iterator[Document]:
     """One document per JSONL line, taken from `field` (must be a string)."""
     path = Path(path)
-    for lineno, obj in _iter_json_lines(path):
+    for lineno, obj in iter_jsonl(path):
         if field not in obj:
             keys = ", ".join(sorted(obj)) or "none"
             raise NanoseekError(f"{path}:{lineno}: missing field {field!r} (fields present: {keys})")
@@ -150,7 +133,7 @@ def parse_messages(messages, where: str) -> list[dict]:
 def read_chat_jsonl(path: str | Path) -> Iterator[Document]:
     """One conversation per JSONL line; Document.text joins the contents (for dedup and filters)."""
     path = Path(path)
-    for lineno, obj in _iter_json_lines(path):
+    for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if "messages" not in obj:
             raise NanoseekError(f"{where}: missing field 'messages'")
@@ -164,7 +147,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
         return "text"
-    for _, obj in _iter_json_lines(path):
+    for _, obj in iter_jsonl(path):
         return "chat" if "messages" in obj else "jsonl"
     return "jsonl"  # empty file: nothing to read either way
 

@@ -20,7 +20,6 @@ regexes_to_ignore "," "\\$" "(?s).*#### " "\\.$" applied to prediction and gold 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -28,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from nanoseek.errors import NanoseekError
+from nanoseek.jsonl import iter_jsonl
 
 FORMATS = ("gsm8k", "gsm8k_cot", "chat")
 DEFAULT_NUM_FEWSHOT = {"gsm8k": 5, "gsm8k_cot": 8, "chat": 0}
@@ -110,28 +110,13 @@ def load_problems(path: str | None = None, split: str = "test") -> list[dict]:
 
 def load_jsonl(path: str) -> list[dict]:
     """Read GSM8K JSONL; a malformed line is an error naming the file and the line."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise NanoseekError(f"cannot read GSM8K data {path}: {exc.strerror}") from exc
-    docs = []
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if line.strip():
-                docs.append(_parse_line(line, path, lineno))
+    docs = [_check_doc(doc, f"{path}:{lineno}") for lineno, doc in iter_jsonl(path)]
     if not docs:
         raise NanoseekError(f"{path}: no problems in file")
     return docs
 
 
-def _parse_line(line: str, path: str, lineno: int) -> dict:
-    where = f"{path}:{lineno}"
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise NanoseekError(f"{where}: invalid JSON ({exc.msg})") from exc
-    if not isinstance(doc, dict):
-        raise NanoseekError(f"{where}: expected a JSON object with 'question' and 'answer'")
+def _check_doc(doc: dict, where: str) -> dict:
     for field in ("question", "answer"):
         if not isinstance(doc.get(field), str):
             raise NanoseekError(f"{where}: field '{field}' missing or not a string")

