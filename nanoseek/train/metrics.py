@@ -114,8 +114,11 @@ def plot_curves(log_path, png_path, title: str = ""):
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
     ax.set_title("loss"), ax.set_xlabel("step"), ax.legend()
-    axes[0, 1].plot(steps, [r["lr"] for r in train])
-    axes[0, 1].set_title("lr multiplier"), axes[0, 1].set_xlabel("step")
+    axes[0, 1].plot(steps, [r["lr"] for r in train], label="AdamW")
+    if "muon_lr" in train[0]:
+        axes[0, 1].plot(steps, [r["muon_lr"] for r in train], label="Muon")
+    axes[0, 1].set_yscale("log"), axes[0, 1].legend()
+    axes[0, 1].set_title("learning rate"), axes[0, 1].set_xlabel("step")
     axes[0, 2].plot(steps, [r["grad_norm"] for r in train])
     axes[0, 2].set_title("grad norm (before clipping)"), axes[0, 2].set_xlabel("step")
     axes[1, 0].plot(steps, [r["tokens_per_s"] for r in train])
@@ -127,7 +130,7 @@ def plot_curves(log_path, png_path, title: str = ""):
         n_layers = len(train[0]["expert_load"])
         for layer in range(n_layers):
             ratio = [max(r["expert_load"][layer]) * len(r["expert_load"][layer]) for r in train]
-            ax.plot(steps, ratio, label=f"MoE layer {layer}", lw=0.8)
+            ax.plot(steps, ratio, label=f"router {layer}", lw=0.8)
         ax.axhline(1.0, color="k", lw=0.5)
         ax.legend(fontsize=7)
     ax.set_title("max expert load / mean (1 = balanced)"), ax.set_xlabel("step")

@@ -54,6 +54,8 @@ def write_report(out: Path, s: dict):
                      f"| {100 * st['mfu']:.1f}% |")
     lines += [
         "",
+        "Eval loss: pretraining on held-out generated problems (not the GSM8K text, which is harder; "
+        "hence below the train loss), SFT on held-out chats (assistant tokens only). "
         "MFU: model FLOPs (6 x active matmul params + attention) per second over the bf16 matmul "
         "peak measured on this machine (cached in ~/.cache/nanoseek/peak_flops.json).",
         "",

@@ -206,9 +206,11 @@ class Trainer:
         self.tokens += step_tokens
         self.elapsed += dt
         tps = step_tokens / dt
-        record = {"step": self.step, "loss": loss_value, "lr": mult, "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss_value, "lr": cfg.optim.lr * mult, "lr_mult": mult, "grad_norm": grad_norm,
                   "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak,
                   "tokens": self.tokens, "time": self.elapsed, "step_time": dt}
+        if len(self.opts) > 1:
+            record["muon_lr"] = cfg.optim.muon_lr * mult
         if aux_sum:
             record["aux_loss"] = aux_sum
         if loads:
