@@ -107,3 +107,16 @@ def test_modules_expose_dequantised_weight_and_match_float_linear():
         # a lookup dequantises exactly the rows of the full dequantised table
         assert torch.equal(emb(ids), emb.weight[ids])
         assert (emb(ids) - table[ids]).abs().max() < 0.02
+
+
+def test_fp8_activation_groups_and_cpu_fallback():
+    """The GPU path's activation quantisation (DeepSeek's act_quant: per token, per 128 channels)
+    is exact to e4m3 rounding; on CPU the tensor-core path declines and Fp8Linear dequantises."""
+    from nanoseek.quant import fp8
+    x = torch.randn(3, 256) * torch.tensor([1.0, 100.0]).repeat_interleave(128)  # groups of very different range
+    xq, s = fp8.quantize_groups(x)
+    assert xq.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
+    back = xq.float().view(3, 2, 128) * s.unsqueeze(-1)
+    assert ((back.view(3, 256) - x).abs() <= x.abs() * 2**-4 + s.repeat_interleave(128, 1) * 2**-10).all()
+    q, sw = quantize_fp8_blocks(weights(128, 256))
+    assert fp8.gpu_block_mm(x, q, sw) is None

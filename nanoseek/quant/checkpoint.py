@@ -26,7 +26,7 @@ from nanoseek.checkpoint.fp8 import BLOCK
 from nanoseek.checkpoint.hf import PRECISIONS, atomic_write, build_model, hf_name, our_name, safetensors_files
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.quant.convert import QuantizedTransformer, as_quantized
+from nanoseek.quant.convert import QuantizedTransformer, as_quantized, dynamic_activations
 from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
@@ -121,8 +121,7 @@ def make_module(name: str, old, q, s, scheme: str, dtype, f: Path):
     bias = old.bias
     if scheme == "fp8":
         return Fp8Linear(q, s, bias, dtype)
-    # same rule as quantize_model: lm_head stays weight-only
-    return Int8Linear(q, s, bias, dynamic=scheme == "int8-dynamic" and name != "lm_head", dtype=dtype)
+    return Int8Linear(q, s, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
 
 
 def load_quantized(path, cfg: ModelConfig, qconfig: dict, precision: str = "bf16") -> QuantizedTransformer:

@@ -47,12 +47,16 @@ def check_scheme(scheme: str, what: str = "scheme") -> str:
     return scheme
 
 
+def dynamic_activations(scheme: str, name: str) -> bool:
+    """int8-dynamic quantizes the inputs of every projection but lm_head's: the logits feed
+    sampling directly, and at decode the weight-only kernel is the faster one anyway."""
+    return scheme == "int8-dynamic" and name != "lm_head"
+
+
 def quantized_linear(name: str, scheme: str, weight, bias, dtype) -> nn.Module:
-    """The module `scheme` makes of one float Linear. lm_head is weight-only in both int8 schemes:
-    its logits feed sampling directly, and quantising the final hidden state buys nothing at decode."""
     if scheme == "fp8":
         return Fp8Linear.from_float(weight, bias, dtype)
-    return Int8Linear.from_float(weight, bias, dynamic=scheme == "int8-dynamic" and name != "lm_head", dtype=dtype)
+    return Int8Linear.from_float(weight, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
@@ -111,7 +115,7 @@ def quantize_model(model: Transformer, scheme: str, quantize_embeddings: bool = 
         old = model.get_submodule(name)
         if isinstance(old, (Int8Linear, Int8Embedding)) and scheme != "fp8":
             if isinstance(old, Int8Linear):  # same weights: only the activation path differs
-                old.dynamic = scheme == "int8-dynamic" and name != "lm_head"
+                old.dynamic = dynamic_activations(scheme, name)
             continue
         if isinstance(old, (Fp8Linear, Fp8Embedding)) and scheme == "fp8":
             continue
@@ -132,7 +136,3 @@ def quantize_model(model: Transformer, scheme: str, quantize_embeddings: bool = 
         model.set_submodule(name, quantized_linear(name, scheme, float_weight(old), old.bias, dtype))
     cast_float_state(model, dtype)
     return as_quantized(model, scheme)
-
-
-def quant_scheme(model) -> str | None:
-    return getattr(model, "quant_scheme", None)
