@@ -21,6 +21,8 @@ def write_report(out: Path, s: dict):
     lines = [
         "# nanoseek speedrun report card" + (" (--quick)" if s["quick"] else ""),
         "",
+        f"Command: `{s.get('command', 'nanoseek speedrun')}`",
+        "",
         "![report](report.png)",
         "",
         "## Held-out accuracy by level (greedy, exact `#### N` match)",

@@ -215,8 +215,10 @@ def speedrun(out, quick: bool = False, config=None, overrides=(), threads=1, pro
         acc_sft = accuracy_by_level(sft_model, tok, heldout, chat=True, max_tokens=knobs["eval_max_tokens"])
     times["total"] = time.perf_counter() - t_all
 
+    cmd = f"nanoseek speedrun --out {out}" + (" --quick" if quick else "") + (f" --config {config}" if config else "")
+    cmd += "".join(f" --set {o}" for o in overrides) + (f" --threads {threads}" if threads != 1 else "")
     summary = {
-        "knobs": knobs, "quick": quick, "data": data, "times_s": times,
+        "command": cmd, "knobs": knobs, "quick": quick, "data": data, "times_s": times,
         "model": {"preset": knobs["preset"], "params": pre_model.config.num_params(),
                   "active_params": pre_model.config.num_params(active=True), "config": pre_model.config.to_dict()},
         "pretrain": _stage_summary(out / "pretrain", pre_last), "sft": _stage_summary(out / "sft", sft_last),
