@@ -77,16 +77,17 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(cfg.to_dict())))
+        self.flops_per_token = flops_per_token(self.model.config, cfg.data.seq_len)
+        if cfg.lora.enabled:  # frozen weights need no weight gradients: ~2/3 of the backward
+            self.flops_per_token *= 2 / 3
+        self.peak = peak_flops(self.device.type) * self.info.world_size
         self.log = JSONLLog(self.out / "log.jsonl", resume_step=self.step if resumed else None, enabled=self.info.is_main)
         if not resumed:
             self.log.write({"step": 0, "event": "config", "config": cfg.to_dict(),
                             "model_config": self.model.config.to_dict(), "world_size": self.info.world_size,
                             "params": self.model.config.num_params(),
-                            "active_params": self.model.config.num_params(active=True)})
-        self.flops_per_token = flops_per_token(self.model.config, cfg.data.seq_len)
-        if cfg.lora.enabled:  # frozen weights need no weight gradients: ~2/3 of the backward
-            self.flops_per_token *= 2 / 3
-        self.peak = peak_flops(self.device.type) * self.info.world_size
+                            "active_params": self.model.config.num_params(active=True),
+                            "flops_per_token": self.flops_per_token, "peak_flops": self.peak})
 
     # ---- set-up ---------------------------------------------------------------------------
 
