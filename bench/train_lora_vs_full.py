@@ -8,7 +8,10 @@ fraction, and the share of the full fine-tune's gain (over the untuned model) th
 
 GSM8K is read from /work/shared/data/gsm8k (never copied into the repo).
 
-    python bench/train_lora_vs_full.py --steps 30 --n-test 50 --out bench/results/train_lora_vs_full.json
+    python bench/train_lora_vs_full.py --steps 30 --n-test 40 --max-tokens 200 --out bench/results/train_lora_vs_full.json
+    # another LoRA shape against the same base / full numbers:
+    python bench/train_lora_vs_full.py --steps 30 --n-test 40 --lora-r 2 --lora-alpha 4 --skip-accuracy \
+        --reuse bench/results/train_lora_vs_full.json --out bench/results/train_lora_vs_full_r2.json
 """
 
 import argparse
@@ -89,6 +92,8 @@ def main():
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--reuse", help="results JSON of an earlier run with the same data/steps/eval: take its base and "
+                                    "full fine-tune numbers and train only the LoRA variant")
     ap.add_argument("--work", default="runs/bench_lora_vs_full")
     ap.add_argument("--out", default="bench/results/train_lora_vs_full.json")
     args = ap.parse_args()
@@ -117,15 +122,21 @@ def main():
         return Trainer(load_config(base=base), resume=False)
 
     results = {"args": vars(args)}
-    tr = make("full", False)
-    tok = tr.tokenizer
-    results["base"] = evaluate(tr.model, tok, test, args.max_tokens, args.skip_accuracy)
-    t0 = time.perf_counter()
-    tr.fit()
-    results["full"] = {"train_seconds": time.perf_counter() - t0, "trainable": trainable_fraction(tr.model)[0],
-                       "total": trainable_fraction(tr.model)[1], **evaluate(tr.model, tok, test, args.max_tokens, args.skip_accuracy)}
-    del tr
+    if args.reuse:
+        prev = json.loads(Path(args.reuse).read_text())
+        results["base"], results["full"] = prev["base"], prev["full"]
+        results["reused_from"] = args.reuse
+    else:
+        tr = make("full", False)
+        results["base"] = evaluate(tr.model, tr.tokenizer, test, args.max_tokens, args.skip_accuracy)
+        t0 = time.perf_counter()
+        tr.fit()
+        results["full"] = {"train_seconds": time.perf_counter() - t0, "trainable": trainable_fraction(tr.model)[0],
+                           "total": trainable_fraction(tr.model)[1],
+                           **evaluate(tr.model, tr.tokenizer, test, args.max_tokens, args.skip_accuracy)}
+        del tr
     tr = make("lora", True)
+    tok = tr.tokenizer
     t0 = time.perf_counter()
     tr.fit()
     trainable, total = trainable_fraction(tr.model)
@@ -135,7 +146,7 @@ def main():
     b, full, lo = results["base"], results["full"], results["lora"]
     gain_full = b["answer_nll"] - full["answer_nll"]
     results["share_of_gain_nll"] = (b["answer_nll"] - lo["answer_nll"]) / gain_full if gain_full else None
-    if "accuracy" in b:
+    if "accuracy" in b and "accuracy" in lo:
         g = full["accuracy"] - b["accuracy"]
         results["share_of_gain_accuracy"] = (lo["accuracy"] - b["accuracy"]) / g if g > 0 else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

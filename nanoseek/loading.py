@@ -9,7 +9,7 @@ from nanoseek.checkpoint.hf import build_model, load_hf, PRECISIONS
 from nanoseek.checkpoint.hub import resolve
 
 
-def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp32"):
+def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp32", adapter=None):
     """Load a model and its tokenizer.
 
     path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
@@ -17,11 +17,14 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
     default (SmolLM2-135M-Instruct). precision: fp32 | bf16, or a quantization scheme
     (int8 | int8-dynamic | fp8: quantized on load, computing in bf16). A checkpoint whose
     config.json has a quantization_config loads quantized whatever the precision.
+    adapter: a LoRA adapter dir (PEFT format), merged into the weights in fp32 before the
+    cast / quantization, so the fine-tune serves at the base model's speed.
     """
     from nanoseek.quant import SCHEMES, quantize_model
     if precision not in PRECISIONS and precision not in SCHEMES:
         raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join([*PRECISIONS, *SCHEMES])})")
     scheme, precision = (precision, "fp32") if precision in SCHEMES else (None, precision)
+    final_precision, precision = precision, ("fp32" if adapter is not None else precision)
     path = resolve(path_or_repo_id)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -36,6 +39,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
         if (path / "tokenizer.json").is_file():
             from nanoseek.tokenizer import Tokenizer
             tokenizer = Tokenizer.from_dir(path)
+    if adapter is not None:
+        from nanoseek.train.lora import cast_model, load_adapter
+        model = cast_model(load_adapter(model, adapter, merge=True), final_precision)
     if scheme is not None:
         model = quantize_model(model, scheme)
     if tokenizer is not None and not model.config.eos_token_id:

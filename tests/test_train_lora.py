@@ -66,11 +66,14 @@ def test_our_adapter_loads_in_peft_and_merges(llama_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), ours, atol=1e-4, rtol=1e-4)
     # serve-time loading: base + adapter dir -> merged model
-    served, _ = load_with_adapter(llama_dir, "fp32", adapter=tmp_path / "adapter")
+    served, _ = nanoseek.load(llama_dir, "fp32", adapter=tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(served(ids), ours, atol=1e-4, rtol=1e-4)
     served16, _ = load_with_adapter(llama_dir, "bf16", adapter=tmp_path / "adapter")
     assert served16.dtype == torch.bfloat16
+    quantized, _ = nanoseek.load(llama_dir, "int8", adapter=tmp_path / "adapter")  # merged before quantizing
+    with torch.no_grad():
+        assert (quantized(ids).float() - ours).abs().mean() < (base - ours).abs().mean()
 
 
 def test_peft_trained_adapter_loads_in_nanoseek(llama_dir, tmp_path):

@@ -202,18 +202,19 @@ def load_adapter(model, adapter_dir, merge: bool = True):
     return model
 
 
+def cast_model(model, precision: str):
+    """fp32 -> `precision` weights; the routers' balancing bias stays fp32 (as loading does)."""
+    from nanoseek.checkpoint.hf import PRECISIONS
+    if precision not in PRECISIONS:
+        raise NanoseekError(f"precision {precision!r}: an adapter merges into {' or '.join(PRECISIONS)} weights")
+    bias = {n: b.clone() for n, b in model.named_buffers() if "e_score_correction_bias" in n}
+    model.to(PRECISIONS[precision])
+    for n, b in bias.items():
+        model.get_buffer(n).data = b
+    return model
+
+
 def load_with_adapter(path_or_repo_id=None, precision: str = "fp32", adapter=None):
-    """nanoseek.load + a LoRA adapter folded into the weights: serve a fine-tune at base speed."""
+    """nanoseek.load(path, precision, adapter=DIR): the base with a LoRA adapter folded in."""
     from nanoseek.loading import load
-    if adapter is None:
-        return load(path_or_repo_id, precision)
-    model, tok = load(path_or_repo_id, "fp32")  # merge in fp32, then cast: bf16 would round the small update away
-    load_adapter(model, adapter, merge=True)
-    if precision == "bf16":
-        bias = {n: b.clone() for n, b in model.named_buffers() if "e_score_correction_bias" in n}
-        model.to(torch.bfloat16)
-        for n, b in bias.items():  # the balancing bias stays fp32
-            model.get_buffer(n).data = b
-    elif precision != "fp32":
-        raise NanoseekError(f"precision {precision!r}: an adapter can be merged into fp32 or bf16 weights")
-    return model, tok
+    return load(path_or_repo_id, precision, adapter=adapter)
