@@ -123,6 +123,8 @@ class Trainer:
         if tok_path is not None:
             self.tokenizer, self.tokenizer_dir = load_tokenizer(tok_path), tok_path
         if m.init_from:
+            if m.overrides:
+                raise NanoseekError("config: field model.overrides: applies to model.preset, not to model.init_from")
             from nanoseek.loading import load
             model, tok = load(m.init_from, "fp32")
             if self.tokenizer is None:
