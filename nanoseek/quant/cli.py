@@ -1,6 +1,5 @@
 """`nanoseek quantize --to int8|int8-dynamic|fp8 MODEL OUT [--quantize-embeddings] [--report]`."""
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -10,8 +9,7 @@ from nanoseek.quant.convert import SCHEMES, check_scheme, quantize_model
 
 
 def add_quantize_parser(subparsers):
-    p = subparsers.add_parser("quantize", help="quantize a model (int8, int8-dynamic, fp8) and save it",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("quantize", help="quantize a model (int8, int8-dynamic, fp8) and save it")
     p.add_argument("model", help="GGUF file, HF checkpoint dir or repo id ('default': SmolLM2-135M-Instruct)")
     p.add_argument("out", help="output directory (config.json + model.safetensors + tokenizer)")
     # validated in cmd_quantize, not by argparse, so a bad value is a one-line NanoseekError

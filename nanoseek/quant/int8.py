@@ -15,8 +15,8 @@ projection; bench/quant.py has the whole-model numbers):
     M = 1    bf16 F.linear ~140us | _weight_int8pack_mm ~45us | _int_mm + act. quant ~105us
     M = 16   bf16 ~150us          | _weight_int8pack_mm ~340us| dequantise + bf16 F.linear ~340us
     M = 512  bf16 ~750us          | _weight_int8pack_mm ~21ms | dequantise + F.linear ~1.1ms | _int_mm path ~2.2ms
-_weight_int8pack_mm is a GEMV loop (time grows linearly with M): 3x faster than bf16 at decode,
-hopeless for prefill. So weight-only uses it below PACK_MAX_M rows and otherwise converts q to
+_weight_int8pack_mm is a GEMV loop (time grows linearly with M): 3x faster than bf16 at M=1 on
+a cached matrix (~1.5x on the whole model, whose weights stream from DRAM), hopeless for prefill. So weight-only uses it below PACK_MAX_M rows and otherwise converts q to
 the activation dtype (exact: |q| <= 127) and applies the scale to the output instead.
 """
 
