@@ -71,12 +71,12 @@ def transformers_batch_tps(path, precision, prompts, n):
     return len(prompts) * n / timed(run)
 
 
-def llamacpp(path):
+def llamacpp(path, threads):
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    return Llama(model_path=str(path), n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+    return Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
 
 
 def llamacpp_decode_tps(llm, prompt, n):
@@ -97,12 +97,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (and llama.cpp threads)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     path = smollm2_path()
     res = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 GGUF", "precision": args.precision}
     model, tok = nanoseek.load(path, args.precision)
     engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
-    lcpp = None if args.skip_llamacpp else llamacpp(path)
+    lcpp = None if args.skip_llamacpp else llamacpp(path, args.threads)
     short = random_prompts(1, 32, 0)[0]
 
     # 1. batch-1 decode, interleaved
