@@ -47,3 +47,15 @@ def test_cli_parsers_and_errors(tmp_path, capsys):
     with pytest.raises(NanoseekError, match="speedrun"):
         from nanoseek.train.speedrun import speedrun
         speedrun(tmp_path, quick=True, overrides=["speedrun.bogus=1"])
+
+
+def test_speedrun_overrides_reach_each_stage(tmp_path):
+    from nanoseek.train.speedrun import _split_overrides
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("speedrun:\n  pretrain_steps: 5\nsft:\n  optim:\n    lr: 0.002\n")
+    knobs, stages = _split_overrides(cfg, ["speedrun.sft_steps=3", "pretrain.optim.muon_lr=0.01", "sft.data.seq_len=64"])
+    assert knobs == {"pretrain_steps": 5, "sft_steps": 3}
+    assert stages["pretrain"] == {"optim": {"muon_lr": 0.01}}
+    assert stages["sft"] == {"optim": {"lr": 0.002}, "data": {"seq_len": 64}}
+    with pytest.raises(NanoseekError, match="pretrain.lr"):
+        _split_overrides(None, ["pretrain.lr=1"])
