@@ -1,7 +1,8 @@
 """DSA sparse attention vs dense (PyTorch SDPA) on this CPU: speed, memory, and quality.
 
     python bench/sparse_attention.py speed --config mla --lengths 4096,8192,16384,32768
-    python bench/sparse_attention.py quality --steps 40 --topk 512
+    python bench/sparse_attention.py quality --steps 60 --lr 3e-3 --save /tmp/dsa60
+    python bench/sparse_attention.py quality --init /tmp/dsa60 --steps 30 --lr 1e-3 --seed 1 --save /tmp/dsa90
 
 speed: prefill time and peak memory (RSS, each measurement in a fresh process) and decode
 time per token, for a bench model of `--layers` layers with random weights, dense (the model
@@ -217,17 +218,21 @@ def quality(args):
     from nanoseek.train.sparse_stages import indexer_warmup, indexers, token_batches
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "sparse_quality.json"
+    out = RESULTS / f"sparse_quality{args.tag}.json"
     model, tok = nanoseek.load(None, "bf16")
     dense = copy.deepcopy(model)
     train, held = text_tokens(tok)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0)
+    if args.init:  # continue the warm-up of a model converted (and saved) before
+        from nanoseek.checkpoint.hf import load_hf
+        model = load_hf(args.init, "bf16")
+    else:
+        add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0)
     for ix in indexers(model):
         ix.float()  # fp32 master weights while training
-    hist = indexer_warmup(model, token_batches(train, args.seq_len, args.batch_size), steps=args.steps,
-                          lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
+    hist = indexer_warmup(model, token_batches(train, args.seq_len, args.batch_size, seed=args.seed),
+                          steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
     for ix in indexers(model):
         ix.to(torch.bfloat16)
     train_s = time.perf_counter() - t0
@@ -284,6 +289,9 @@ def main():
             s.add_argument("--passkey-lengths", default="2048,4096,8000")
             s.add_argument("--depths", default="0.1,0.5,0.9")
             s.add_argument("--save", default=None, help="save the converted model here")
+            s.add_argument("--init", default=None, help="continue from a converted model saved by --save")
+            s.add_argument("--seed", type=int, default=0, help="training-window sampling seed")
+            s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
     {"speed": speed, "_one": one, "quality": quality}[args.cmd](args)
 
