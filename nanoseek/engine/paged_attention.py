@@ -71,13 +71,15 @@ class PagedAttention:
             lens = self.decode_lens = torch.tensor(decode_lens)
             self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
             self.decode_rows = torch.tensor(self.decode_rows)
+            self.decode_flat = self.decode_tables.flatten()  # index_select is much cheaper than [tables]
+        self.all_decode = not self.prefills  # then decode rows are exactly 0..N-1: no gather/scatter of q/out
 
     def attend(self, layer, q, k, v, scale, v_dim, index=None):
         q, k = q[0], k[0]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.view(-1, *kc.shape[2:])[self.slots] = k
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, self.slots, k)
         if vc is not None:
-            vc.view(-1, *vc.shape[2:])[self.slots] = v[0]
+            vc.view(-1, *vc.shape[2:]).index_copy_(0, self.slots, v[0])
         if index is not None:  # a DSA layer: store its indexer keys; attend over the top-k only
             ikc = self.cache.ik[layer]
             ikc.view(-1, ikc.shape[-1])[self.slots] = index.k[0]
@@ -87,11 +89,13 @@ class PagedAttention:
         gqa = kc.shape[2] != q.shape[1]
         if len(self.decode_rows):
             B = len(self.decode_rows)
-            K = kc[self.decode_tables].flatten(1, 2)            # [B, L, Hkv, Dk]
-            V = vc[self.decode_tables].flatten(1, 2) if vc is not None else K[..., :v_dim]
-            qd = q[self.decode_rows].unsqueeze(2)               # [B, H, 1, Dk]
+            K = kc.index_select(0, self.decode_flat).view(B, -1, *kc.shape[2:])   # [B, L, Hkv, Dk]
+            V = vc.index_select(0, self.decode_flat).view(B, -1, *vc.shape[2:]) if vc is not None else K[..., :v_dim]
+            qd = (q if self.all_decode else q[self.decode_rows]).unsqueeze(2)      # [B, H, 1, Dk]
             o = F.scaled_dot_product_attention(qd, K.transpose(1, 2), V.transpose(1, 2),
                                                attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+            if self.all_decode:
+                return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)
         for row, new, cached, table in self.prefills:
             total = cached + new
