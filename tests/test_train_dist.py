@@ -48,6 +48,9 @@ def test_two_processes_match_one(data, tmp_path, kind):
     for (_, x), (_, y) in zip(a, b):
         assert y == pytest.approx(x, rel=1e-3, abs=1e-3)
     assert a[-1][1] < a[0][1]  # and the run learns
+    # Muon and Adam are blind to the gradient's scale: check it directly (a wrong 1/world shows here)
+    norms = [[r["grad_norm"] for r in map(json.loads, open(d / "log.jsonl")) if "loss" in r] for d in (one, two)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-3)
     rec = [json.loads(line) for line in open(two / "log.jsonl")][0]
     assert rec["event"] == "config" and rec["world_size"] == 2
     assert (two / "model" / "model.safetensors").is_file()

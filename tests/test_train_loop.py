@@ -205,3 +205,15 @@ def test_shipped_configs_parse(path):
             load_config(None, [], base={**stage, "data": {"shards": "x", **stage.get("data", {})}})
     else:
         load_config(path)
+
+
+def test_grad_accum_equals_one_big_batch(data, tmp_path):
+    """2 micro-batches of 2 rows == 1 batch of 4 rows: same loss and same gradient norm."""
+    from nanoseek.train.trainer import train
+    runs = {}
+    for name, extra in (("big", ["data.batch_size=4", "data.grad_accum=1"]), ("accum", ["data.batch_size=2", "data.grad_accum=2"])):
+        out = tmp_path / name
+        train(load_config(None, tiny_overrides(data, out, 3, *extra)), resume=False)
+        runs[name] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    for (l1, g1), (l2, g2) in zip(runs["big"], runs["accum"]):
+        assert l2 == pytest.approx(l1, rel=1e-3) and g2 == pytest.approx(g1, rel=1e-3)
