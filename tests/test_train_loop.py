@@ -98,6 +98,9 @@ def test_sequence_aux_loss_prefers_balanced_routing():
     model(torch.randint(0, 64, (2, 16)))
     base = sequence_aux_loss(model, 2, 16, 1.0)
     assert base.requires_grad
+    assert sequence_aux_loss(model, 2, 16, 1.0, torch.ones(2, 16, dtype=torch.bool)).item() == pytest.approx(base.item())
+    half = torch.arange(16).expand(2, 16) < 8  # "padding" after 8 tokens changes what is balanced
+    assert sequence_aux_loss(model, 2, 16, 1.0, half).item() != pytest.approx(base.item())
     base.backward()
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
     # all tokens on one expert with all the score mass -> loss = E/K * 1 = 2 per sequence
@@ -207,13 +210,19 @@ def test_shipped_configs_parse(path):
         load_config(path)
 
 
-def test_grad_accum_equals_one_big_batch(data, tmp_path):
-    """2 micro-batches of 2 rows == 1 batch of 4 rows: same loss and same gradient norm."""
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_grad_accum_equals_one_big_batch(data, tmp_path, mode):
+    """2 micro-batches of 2 rows == 1 batch of 4 rows: same loss and same gradient norm (in SFT
+    the micro-batches hold different numbers of loss tokens: the loss is normalised globally)."""
     from nanoseek.train.trainer import train
+    sft = [] if mode == "pretrain" else [
+        'data.mode="sft"', "data.seq_len=256", f"data.tokenizer={json.dumps(data['tokenizer'])}",
+        f"data.train_file={json.dumps(str(Path(data['dir']) / 'sft_train.jsonl'))}"]
     runs = {}
     for name, extra in (("big", ["data.batch_size=4", "data.grad_accum=1"]), ("accum", ["data.batch_size=2", "data.grad_accum=2"])):
         out = tmp_path / name
-        train(load_config(None, tiny_overrides(data, out, 3, *extra)), resume=False)
+        # fp32: bf16 rounding differs with the batch shape and grows over steps (~1e-3 by step 3)
+        train(load_config(None, tiny_overrides(data, out, 3, *extra, *sft, "run.bf16=false")), resume=False)
         runs[name] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
     for (l1, g1), (l2, g2) in zip(runs["big"], runs["accum"]):
-        assert l2 == pytest.approx(l1, rel=1e-3) and g2 == pytest.approx(g1, rel=1e-3)
+        assert l2 == pytest.approx(l1, rel=1e-4) and g2 == pytest.approx(g1, rel=1e-4)

@@ -57,16 +57,25 @@ def update_bias(tracker: LoadTracker, speed: float) -> list[list[float]]:
     return fractions
 
 
-def sequence_aux_loss(model, batch_size: int, seq_len: int, alpha: float) -> torch.Tensor:
-    """alpha * sum over layers of the sequence-wise balance loss (mean over sequences)."""
+def sequence_aux_loss(model, batch_size: int, seq_len: int, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * sum over layers of the sequence-wise balance loss (mean over sequences).
+
+    mask [B, T] (True = a real token) leaves padding out of f and P: a padded SFT row is
+    balanced over its own tokens, whatever width the batch was padded to.
+    """
+    if mask is None:
+        mask = torch.ones(batch_size, seq_len, dtype=torch.bool)
+    m = mask.to(torch.float32, copy=False).unsqueeze(-1)                                   # [B, T, 1]
+    n = m.sum(1).clamp(min=1)                                                  # real tokens per row
     total = 0.0
     for g in gates(model):
         scores, idx = g.last_scores, g.last_idx  # [B*T, E] (with grad), [B*T, K]
         E, K = scores.shape[-1], idx.shape[-1]
         scores = scores.view(batch_size, seq_len, E)
+        m = m.to(scores.device)
         picked = torch.zeros_like(scores).scatter_(2, idx.view(batch_size, seq_len, K), 1.0)
-        f = picked.sum(1) * E / (K * seq_len)                                  # [B, E]
-        p = (scores / scores.sum(-1, keepdim=True).clamp(min=1e-20)).mean(1)   # [B, E]
+        f = (picked * m).sum(1) * E / (K * n)                                      # [B, E]
+        p = (scores / scores.sum(-1, keepdim=True).clamp(min=1e-20) * m).sum(1) / n  # [B, E]
         total = total + (f * p).sum(-1).mean()
     return alpha * total
 

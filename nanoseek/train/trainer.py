@@ -186,7 +186,8 @@ class Trainer:
                 # DDP/FSDP average gradients over processes; the loss is a sum over the global batch
                 loss = token_loss * (world / n_global.item())
                 if cfg.moe.seq_aux_loss > 0 and self.tracker.gates:
-                    aux = sequence_aux_loss(self.model, x.shape[0], x.shape[1], cfg.moe.seq_aux_loss) / len(batches)
+                    real = (x != self.stream.pad_id) if cfg.data.mode == "sft" else None  # SFT rows are padded
+                    aux = sequence_aux_loss(self.model, x.shape[0], x.shape[1], cfg.moe.seq_aux_loss, real) / len(batches)
                     loss = loss + aux
                     aux_sum += aux.item()
                 loss.backward()
