@@ -199,8 +199,9 @@ def speedrun(out, quick: bool = False, config=None, overrides=(), threads=1, pro
     with stage("eval after pretraining"):
         acc_pre = accuracy_by_level(pre_model, tok, heldout, chat=False, max_tokens=knobs["eval_max_tokens"])
 
-    sft_cfg = load_config(base=_merge_dicts(_merge_dicts(_train_base(knobs, data, out / "sft", knobs["sft_steps"], threads, progress), {
-        "model": {"init_from": str(out / "pretrain" / "model")},
+    sft_base = _train_base(knobs, data, out / "sft", knobs["sft_steps"], threads, progress)
+    sft_base["model"] = {"init_from": str(out / "pretrain" / "model")}  # the architecture comes with the weights
+    sft_cfg = load_config(base=_merge_dicts(_merge_dicts(sft_base, {
         "data": {"mode": "sft", "train_file": str(Path(data["dir"]) / "sft_train.jsonl"),
                  "eval_file": str(Path(data["dir"]) / "sft_eval.jsonl")},
         "optim": {"lr": 1e-3, "muon_lr": 0.01},
