@@ -101,8 +101,12 @@ class PagedAttention:
             total = cached + new
             K = kc[table].flatten(0, 1)[:total]                 # [L, Hkv, Dk]
             V = vc[table].flatten(0, 1)[:total] if vc is not None else K[..., :v_dim]
-            mask = torch.ones(new, total, dtype=torch.bool).tril(diagonal=cached)
-            o = F.scaled_dot_product_attention(q[row:row + new].transpose(0, 1), K.transpose(0, 1),
-                                               V.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=gqa)
-            out[row:row + new] = o.transpose(0, 1)
+            # a whole prompt is plain causal attention: no mask lets SDPA use its fused (flash)
+            # CPU kernel instead of materialising [H, T, T] scores; a later chunk needs the offset
+            mask = None if cached == 0 else torch.ones(new, total, dtype=torch.bool).tril(diagonal=cached)
+            # 4-D inputs: with 3-D ones SDPA silently takes its slow math path (8x slower here)
+            o = F.scaled_dot_product_attention(q[row:row + new].transpose(0, 1)[None], K.transpose(0, 1)[None],
+                                               V.transpose(0, 1)[None], attn_mask=mask, is_causal=cached == 0,
+                                               scale=scale, enable_gqa=gqa)
+            out[row:row + new] = o[0].transpose(0, 1)
         return out.unsqueeze(0)
