@@ -27,7 +27,6 @@ bench/results/sparse_quality.json.
 import argparse
 import copy
 import json
-import os
 import resource
 import subprocess
 import sys
