@@ -77,7 +77,10 @@ def _main():
     header = json.loads(sys.stdin.buffer.readline())
     source = sys.stdin.buffer.read().decode("utf-8", "replace")
     for name, value in header["limits"].items():
-        resource.setrlimit(getattr(resource, name), (value, value))
+        # CPU: the kernel sends SIGXCPU at the soft limit (reported as a timeout) and SIGKILL at
+        # the hard one; equal limits would skip straight to SIGKILL, an unexplained crash
+        hard = value + 1 if name == "RLIMIT_CPU" else value
+        resource.setrlimit(getattr(resource, name), (value, hard))
     token = header.pop("nonce").encode()
     # Keep a private copy of the report channel; the program's stdio goes to /dev/null.
     report = os.dup(1)
