@@ -92,8 +92,14 @@ class PagedAttention:
             K = kc.index_select(0, self.decode_flat).view(B, -1, *kc.shape[2:])   # [B, L, Hkv, Dk]
             V = vc.index_select(0, self.decode_flat).view(B, -1, *vc.shape[2:]) if vc is not None else K[..., :v_dim]
             qd = (q if self.all_decode else q[self.decode_rows]).unsqueeze(2)      # [B, H, 1, Dk]
-            o = F.scaled_dot_product_attention(qd, K.transpose(1, 2), V.transpose(1, 2),
-                                               attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+            if K.shape[2] == 1 and gqa:
+                # one KV head (MLA's latent): let the heads play the query rows of a single head,
+                # so SDPA never expands the latent cache to every head (16x the bytes at 576 dims)
+                o = F.scaled_dot_product_attention(qd.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+                                                   attn_mask=self.decode_mask, scale=scale).transpose(1, 2)
+            else:
+                o = F.scaled_dot_product_attention(qd, K.transpose(1, 2), V.transpose(1, 2),
+                                                   attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
             if self.all_decode:
                 return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)
