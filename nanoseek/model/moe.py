@@ -30,8 +30,7 @@ class Gate(nn.Module):
         self.keep_scores, self.last_scores, self.last_idx = False, None, None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(x.device.type, enabled=False):  # routing in fp32 under bf16 autocast too
-            logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1:
