@@ -107,3 +107,17 @@ def test_fp8_block_weights_dequantise(tmp_path):
     assert w.shape == (136, 160)
     rel = ((w - w8).abs() / w.abs().amax()).max().item()
     assert 0 < rel < 0.07  # e4m3 keeps 3 mantissa bits: error bounded by 2^-4 of the block max
+
+
+def test_dense_mla_model_roundtrips(tmp_path):
+    """A dense (no MoE) MLA model exports as DeepseekV3 with every layer dense, and reloads."""
+    from transformers import AutoModelForCausalLM
+    cfg = ModelConfig(n_routed_experts=0, vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                      inter_dim=96, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    model.save(tmp_path)
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_hf(tmp_path)(ids), model(ids))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
