@@ -8,14 +8,13 @@ resume with a different world size.
 A batch is (inputs [B,T], targets [B,T]) with targets = -1 where no loss is taken.
 """
 
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanoseek.data.shards import IGNORE_INDEX, PackedDataset, render_chat, sft_collate
 from nanoseek.errors import NanoseekError
+from nanoseek.jsonl import iter_jsonl
 
 
 class PretrainStream:
@@ -44,24 +43,14 @@ class PretrainStream:
 
 def read_conversations(path) -> list[list[dict]]:
     """Chat JSONL ({"messages": [...]}) or problems JSONL ({question, answer}) -> message lists."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanoseekError(f"{path}: no such file")
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoseekError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                convs.append(obj["messages"])
-            elif isinstance(obj, dict) and isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
-                convs.append(problem_chat(obj["question"], obj["answer"]))
-            else:
-                raise NanoseekError(f"{path}:{lineno}: expected {{\"messages\": [...]}} or {{\"question\", \"answer\"}}")
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj.get("messages"), list):
+            convs.append(obj["messages"])
+        elif isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
+            convs.append(problem_chat(obj["question"], obj["answer"]))
+        else:
+            raise NanoseekError(f"{path}:{lineno}: expected {{\"messages\": [...]}} or {{\"question\", \"answer\"}}")
     if not convs:
         raise NanoseekError(f"{path}: no conversations")
     return convs
