@@ -73,7 +73,9 @@ def test_nanoseek_moe_preset_roundtrips_through_transformers(tmp_path):
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
     again = load_hf(tmp_path)
     with torch.no_grad():
-        assert torch.equal(again(ids), model(ids))
+        # same weights bit for bit, but a reloaded tensor may sit at another alignment and take
+        # another GEMM blocking: allow fp32 rounding, nothing more
+        assert (again(ids) - model(ids)).abs().max().item() <= 1e-5
 
 
 def test_moe_runs_only_routed_experts(tmp_path):

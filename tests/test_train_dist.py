@@ -37,12 +37,13 @@ def write_cfg(tmp_path, name, overrides):
 def test_two_processes_match_one(data, tmp_path, kind):
     from nanoseek.train.trainer import train
     steps = 4
-    # one process: 4 rows per micro-batch; two processes: 2 rows each (the same 4 rows)
+    # one process: 4 rows per micro-batch; two processes: 2 rows each (the same 4 rows).
+    # fp32: bf16 rounding differs with the batch shape, and Muon's Newton-Schulz amplifies it
     one = tmp_path / "one"
-    train(load_config(None, tiny_overrides(data, one, steps, "data.batch_size=4")), resume=False)
+    train(load_config(None, tiny_overrides(data, one, steps, "data.batch_size=4", "run.bf16=false")), resume=False)
     two = tmp_path / "two"
     torchrun(write_cfg(tmp_path, "two", tiny_overrides(data, two, steps, "data.batch_size=2", f'run.dist="{kind}"',
-                                                      "run.save_every=2")), 2)
+                                                      "run.save_every=2", "run.bf16=false")), 2)
     a, b = losses(one), losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
     for (_, x), (_, y) in zip(a, b):

@@ -14,14 +14,15 @@ from nanoseek.train.config import TrainConfig
 
 
 @torch.no_grad()
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T (batched over leading dims), in bf16.
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.bfloat16) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T (batched over leading dims), in `dtype` (bf16: fast;
+    fp32 runs use fp32, so two runs whose gradients differ by rounding stay together).
 
     The quintic iteration of Keller Jordan's Muon: coefficients picked to push singular
     values towards 1 fast rather than exactly (they end up in ~[0.7, 1.2], which is fine).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         x = x.mT
@@ -43,8 +44,10 @@ class Muon(torch.optim.Optimizer):
     The step is scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -63,7 +66,7 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.lerp_(p.grad, 1 - group["momentum"])
                     grads.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-                update = newton_schulz(torch.stack([_full(g) for g in grads]), group["ns_steps"])
+                update = newton_schulz(torch.stack([_full(g) for g in grads]), group["ns_steps"], dtype=self.ns_dtype)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
                 for p, u in zip(params, update):
                     p.add_(_like(u, p).to(p.dtype), alpha=-group["lr"] * scale)
@@ -103,7 +106,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     if groups:
         opts.append(torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay))
     if muon:
-        opts.append(Muon(muon, lr=o.muon_lr, momentum=o.muon_momentum))
+        opts.append(Muon(muon, lr=o.muon_lr, momentum=o.muon_momentum,
+                         ns_dtype=torch.bfloat16 if cfg.run.bf16 else torch.float32))
     for opt in opts:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
