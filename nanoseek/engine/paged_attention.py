@@ -5,7 +5,7 @@ latent "head" (kv_lora_rank + rope dims) and no v: its values are the latent's f
 kv_lora_rank channels (see nanoseek/model/attention.py).
 
 A step flattens all scheduled tokens into one row [1, N]. Decoding sequences (one new
-token each) are attended in one batched call over their gathered, padded blocks; prefill
+token each) are attended in two batched matmuls over their gathered, padded blocks; prefill
 chunks are attended one sequence at a time with a causal mask offset by what is cached.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.sparse_attention import paged_sparse_attend
+from nanoseek.model.sparse_attention import attend_rows, paged_sparse_attend
 
 
 def kv_entry_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -69,7 +69,7 @@ class PagedAttention:
             width = max(len(t) for t in decode_tables)
             self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
             lens = self.decode_lens = torch.tensor(decode_lens)
-            self.decode_mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+            self.decode_valid = torch.arange(width * bs)[None, :] < lens[:, None]   # [B, L]: not padding
             self.decode_rows = torch.tensor(self.decode_rows)
             self.decode_flat = self.decode_tables.flatten()  # index_select is much cheaper than [tables]
         self.all_decode = not self.prefills  # then decode rows are exactly 0..N-1: no gather/scatter of q/out
@@ -89,17 +89,13 @@ class PagedAttention:
         gqa = kc.shape[2] != q.shape[1]
         if len(self.decode_rows):
             B = len(self.decode_rows)
-            K = kc.index_select(0, self.decode_flat).view(B, -1, *kc.shape[2:])   # [B, L, Hkv, Dk]
-            V = vc.index_select(0, self.decode_flat).view(B, -1, *vc.shape[2:]) if vc is not None else K[..., :v_dim]
-            qd = (q if self.all_decode else q[self.decode_rows]).unsqueeze(2)      # [B, H, 1, Dk]
-            if K.shape[2] == 1 and gqa:
-                # one KV head (MLA's latent): let the heads play the query rows of a single head,
-                # so SDPA never expands the latent cache to every head (16x the bytes at 576 dims)
-                o = F.scaled_dot_product_attention(qd.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
-                                                   attn_mask=self.decode_mask, scale=scale).transpose(1, 2)
-            else:
-                o = F.scaled_dot_product_attention(qd, K.transpose(1, 2), V.transpose(1, 2),
-                                                   attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa)
+            # each sequence's cache as rows of [Hkv * D], gathered block by block; one query per
+            # sequence over its own rows (SDPA takes its math path with a mask and GQA: 20x slower)
+            Hkv = kc.shape[2]
+            K = kc.index_select(0, self.decode_flat).view(B, -1, Hkv * kc.shape[3])       # [B, L, Hkv*Dk]
+            V = K if vc is None else vc.index_select(0, self.decode_flat).view(B, -1, Hkv * vc.shape[3])
+            qd = q if self.all_decode else q[self.decode_rows]                           # [B, H, Dk]
+            o = attend_rows(qd, K, V, self.decode_valid, scale, v_dim, Hkv)
             if self.all_decode:
                 return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)

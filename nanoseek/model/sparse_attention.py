@@ -29,9 +29,6 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     Dv = v_dim if V is None else V.shape[-1]
     Kf = K.reshape(P, Hkv * Dk)                          # one row per token: all key heads
     Vf = None if V is None else V.reshape(P, Hkv * Dv)
-    # GQA: spread each query head over its group's slice of the row (zeros elsewhere), so one
-    # bmm per query serves every head straight from the gathered rows: Hkv x the exact
-    # product's flops, which are cheap here, instead of per-head copies of K and V
     spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)       # [H, Hkv]
     training = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad)
     C = min(chunk, T)
@@ -50,19 +47,37 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
         else:
             Vg = (Vf.index_select(0, rows) if training else
                   torch.index_select(Vf, 0, rows, out=bufV[:C * k])).view(C, k, Hkv * Dv)
-        qc = q[a:b] if Hkv == 1 else (q[a:b].unsqueeze(2) * spread[None, :, :, None]).reshape(C, H, Hkv * Dk)
-        # scores as K_sel @ q^T: the big gathered operand stays the plain row-major one (on this
-        # CPU's bf16 matmuls that is ~2x faster than q @ K_sel^T)
-        s = torch.bmm(Kg, qc.transpose(1, 2).contiguous()).transpose(1, 2).float().mul_(scale).contiguous()
-        if valid is not None:
-            s.masked_fill_(~valid[a:b, None, :], float("-inf"))
-        o = torch.bmm(s.softmax(-1).to(Kg.dtype), Vg)                                 # [C, H, Hkv*Dv]
-        if Vf is None:
-            o = o[..., :v_dim]
-        if Hkv > 1:  # keep each head's own group slice
-            o = o.view(C, Hkv, g, Hkv, Dv).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-        out[a:b] = o.reshape(C, H, Dv)
+        out[a:b] = attend_rows(q[a:b], Kg, Vg, None if valid is None else valid[a:b], scale, Dv, Hkv, spread)
     return out
+
+
+def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None):
+    """Each of C queries attends over its own n gathered keys, all in two bmms.
+
+    q [C, H, Dk]; Kg [C, n, Hkv*Dk] (one row per key: all its heads); Vg [C, n, Hkv*Dv], or Kg
+    itself when the values are the keys' first v_dim channels (MLA's latent); valid [C, n] bool
+    or None -> [C, H, Dv]. Used for the sparse selections and for the paged cache's decode.
+    GQA: each query head is spread over its group's slice of the row (zeros elsewhere), so one
+    bmm per query serves every head straight from the gathered rows: Hkv x the exact product's
+    flops, which are cheap here, instead of per-head copies of K and V.
+    """
+    C, H, Dk = q.shape
+    Hkv, g = n_kv_heads, H // n_kv_heads
+    if Hkv > 1:
+        if spread is None:
+            spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)   # [H, Hkv]
+        q = (q.unsqueeze(2) * spread[None, :, :, None]).reshape(C, H, Hkv * Dk)
+    # scores as K_sel @ q^T: the big gathered operand stays the plain row-major one (on this
+    # CPU's bf16 matmuls that is ~2x faster than q @ K_sel^T)
+    s = torch.bmm(Kg, q.transpose(1, 2).contiguous()).transpose(1, 2).float().mul_(scale).contiguous()
+    if valid is not None:
+        s.masked_fill_(~valid[:, None, :], float("-inf"))
+    o = torch.bmm(s.softmax(-1).to(Kg.dtype), Vg)                                     # [C, H, Hkv*Dv']
+    if Vg is Kg and o.shape[-1] != v_dim * Hkv:
+        o = o[..., :v_dim]
+    if Hkv > 1:  # keep each head's own group slice
+        o = o.view(C, Hkv, g, Hkv, v_dim).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    return o.reshape(C, H, v_dim)
 
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
@@ -146,5 +161,5 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
     return out.unsqueeze(0)
 
 
-__all__ = ["sparse_attention", "sparse_causal_attention", "attend_selected", "paged_sparse_attend",
+__all__ = ["sparse_attention", "attend_rows", "sparse_causal_attention", "attend_selected", "paged_sparse_attend",
            "index_scores"]
