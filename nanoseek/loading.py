@@ -7,6 +7,10 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.checkpoint.hf import build_model, load_hf, PRECISIONS
 from nanoseek.checkpoint.hub import resolve
+from nanoseek.quant.convert import SCHEMES
+
+# every precision load() takes: the float dtypes, then the quantization schemes (for CLI choices)
+LOAD_PRECISIONS = (*PRECISIONS, *SCHEMES)
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp32", adapter=None):
@@ -20,9 +24,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
     adapter: a LoRA adapter dir (PEFT format), merged into the weights in fp32 before the
     cast / quantization, so the fine-tune serves at the base model's speed.
     """
-    from nanoseek.quant import SCHEMES, quantize_model
-    if precision not in PRECISIONS and precision not in SCHEMES:
-        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join([*PRECISIONS, *SCHEMES])})")
+    from nanoseek.quant import quantize_model
+    if precision not in LOAD_PRECISIONS:
+        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join(LOAD_PRECISIONS)})")
     scheme, precision = (precision, "fp32") if precision in SCHEMES else (None, precision)
     final_precision, precision = precision, ("fp32" if adapter is not None else precision)
     path = resolve(path_or_repo_id)

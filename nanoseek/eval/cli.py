@@ -17,6 +17,7 @@ import sys
 
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import gsm8k, humaneval, runner
+from nanoseek.loading import LOAD_PRECISIONS
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -92,8 +93,9 @@ def _add_model_args(parser) -> None:
                                           "(default: $OPENAI_API_KEY if set)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="requests in flight to the server (default: 8)")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"],
-                        help="in-process weights precision (default: bf16)")
+    parser.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
+                        help="in-process weights: fp32, bf16, or quantized on load: int8, "
+                             "int8-dynamic, fp8 (default: bf16)")
 
 
 def _add_generation_args(parser) -> None:

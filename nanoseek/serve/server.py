@@ -52,12 +52,9 @@ class Server(uvicorn.Server):
         self.loop.call_later(self.shutdown_timeout, state.abort_all)
 
 
-def serve(args):
-    """Run the server described by parsed `nanoseek serve` arguments until it is stopped.
-
-    Raises NanoseekError when the model fails to load (the port was already open by then).
-    """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def build_app(args):
+    """The app for parsed `nanoseek serve` arguments; it loads the model (at --precision,
+    quantized on load for int8 / int8-dynamic / fp8) on a thread once it starts."""
     engine_kwargs = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
                          kv_cache_gib=args.kv_cache_gib)
 
@@ -65,8 +62,17 @@ def serve(args):
         model, tokenizer = load_model(args.model_path, args.precision)
         return Engine(model, tokenizer, **engine_kwargs)
 
-    app = create_app(loader, args.served_model_name, api_key=args.api_key,
-                     max_queued_requests=args.max_queued_requests)
+    return create_app(loader, args.served_model_name, api_key=args.api_key,
+                      max_queued_requests=args.max_queued_requests)
+
+
+def serve(args):
+    """Run the server described by parsed `nanoseek serve` arguments until it is stopped.
+
+    Raises NanoseekError when the model fails to load (the port was already open by then).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
     # the engine deadline comes first; uvicorn's own (which cancels handlers outright) is a backstop
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")

@@ -1,0 +1,107 @@
+"""Quantized precisions on the command line: `nanoseek serve`, `nanoseek eval`, generate/chat.
+
+The choices are one list (nanoseek.loading.LOAD_PRECISIONS); serve answers a chat completion
+from a tiny GGUF quantized to int8 on load, and an in-process eval runs on it at int8.
+"""
+
+import json
+import sys
+
+import httpx
+import pytest
+import torch
+
+from nanoseek.checkpoint.hf import PRECISIONS
+from nanoseek.cli import build_parser
+from nanoseek.loading import LOAD_PRECISIONS
+from nanoseek.quant import SCHEMES, QuantizedTransformer
+from nanoseek.quant.layers import Int8Linear
+from tests.fixtures import write_tiny_gguf
+from tests.test_serve_helpers import LiveServer, wait_until
+
+# every subcommand that loads a model in-process, with the arguments it needs besides --precision
+LOADERS = {
+    "serve": ["serve"],
+    "eval gsm8k": ["eval", "gsm8k", "--model", "m"],
+    "eval humaneval": ["eval", "humaneval", "--model", "m"],
+    "generate": ["generate", "hi"],
+    "chat": ["chat"],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_gguf(str(path))  # a byte-level BPE vocab and a ChatML template
+    return path
+
+
+def test_one_list_of_precisions():
+    assert LOAD_PRECISIONS == (*PRECISIONS, *SCHEMES) == ("fp32", "bf16", "int8", "int8-dynamic", "fp8")
+
+
+@pytest.mark.parametrize("command", LOADERS)
+def test_every_loader_takes_the_quantized_precisions(command, capsys):
+    parser = build_parser()
+    for precision in LOAD_PRECISIONS:
+        assert parser.parse_args([*LOADERS[command], "--precision", precision]).precision == precision
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*LOADERS[command], "--precision", "int4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --precision: invalid choice: 'int4'" in err and "fp8" in err
+
+
+def test_serve_at_int8_answers_a_chat_completion(tiny_gguf):
+    from nanoseek.serve.server import build_app
+    args = build_parser().parse_args(["serve", "--model_path", str(tiny_gguf), "--precision", "int8",
+                                      "--kv_cache_gib", "0.01", "--served_model_name", "tiny"])
+    app = build_app(args)
+    with LiveServer(app) as url:
+        assert wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=60), \
+            httpx.get(url + "/health").json()
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+                             "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "tiny" and isinstance(body["choices"][0]["message"]["content"], str)
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+        model = app.state.serve.llm.engine.model
+    assert isinstance(model, QuantizedTransformer) and model.quant_scheme == "int8"
+    assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear)
+
+
+def test_eval_gsm8k_in_process_at_int8(tiny_gguf, tmp_path, monkeypatch, capsys):
+    import nanoseek.eval.inprocess as inprocess
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"{a} + 1 = {a + 1}\n#### {a + 1}"})
+                            + "\n" for a in (2, 5)))
+    made = []
+    original = inprocess.make_inprocess_generator
+
+    def spy(model_path, precision="bf16"):
+        made.append(original(model_path, precision))
+        return made[-1]
+
+    monkeypatch.setattr(inprocess, "make_inprocess_generator", spy)
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["eval", "gsm8k", "--model", str(tiny_gguf), "--precision", "int8",
+                                      "--data", str(data), "--num-fewshot", "0", "--max-tokens", "4",
+                                      "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    (generator,) = made
+    assert isinstance(generator.llm.model, QuantizedTransformer) and generator.llm.model.quant_scheme == "int8"
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["num_problems"] == 2 and 0.0 <= results["scores"]["strict-match"]["exact_match"] <= 1.0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(isinstance(s["output"], str) for s in samples)
+    assert "gsm8k" in capsys.readouterr().out
