@@ -34,12 +34,13 @@ import time
 import httpx
 import numpy as np
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs about "
-         "rivers mountains bread copper lanterns and the long winter evenings").split()
+# The measurement core (one streaming request, the load driver, percentiles, the summary) lives in
+# the package, shared with `nanoseek eval perf`.
+from nanoseek.eval.perf import WORDS, drive, make_words, percentiles, stream_openai, summarize  # noqa: F401
 
 
 def make_prompt(rng: random.Random, words: int) -> str:
-    return "Continue this text: " + " ".join(rng.choice(WORDS) for _ in range(words))
+    return "Continue this text: " + make_words(rng, words)
 
 
 def request_body(args, prompt: str) -> dict:
@@ -57,90 +58,18 @@ def request_body(args, prompt: str) -> dict:
 async def one_request(client: httpx.AsyncClient, args, prompt: str) -> dict:
     """Send one streaming request; timings in seconds relative to its send time."""
     path = "/chat/completions" if args.endpoint == "chat" else "/completions"
-    t0 = time.perf_counter()
-    chunk_times, usage, text = [], None, []
-    try:
-        async with client.stream("POST", args.base_url + path, json=request_body(args, prompt)) as r:
-            if r.status_code != 200:
-                return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:300].decode(errors='replace')}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                ev = json.loads(data)
-                if "error" in ev:
-                    return {"ok": False, "error": str(ev["error"].get("message", ev["error"]))}
-                if ev.get("usage"):
-                    usage = ev["usage"]
-                for c in ev.get("choices") or []:
-                    piece = (c.get("delta") or {}).get("content") or (c.get("delta") or {}).get("reasoning_content") \
-                        if args.endpoint == "chat" else c.get("text")
-                    if piece:
-                        chunk_times.append(time.perf_counter() - t0)
-                        text.append(piece)
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    if not chunk_times:
-        return {"ok": False, "error": "no text received"}
-    out_tokens = usage["completion_tokens"] if usage else len(chunk_times)
-    return {"ok": True, "ttft": chunk_times[0], "e2e": chunk_times[-1], "itl": list(np.diff(chunk_times)),
-            "output_tokens": out_tokens, "prompt_tokens": usage["prompt_tokens"] if usage else None,
-            "tpot": (chunk_times[-1] - chunk_times[0]) / (out_tokens - 1) if out_tokens > 1 else None}
+    return await stream_openai(client, args.base_url + path, request_body(args, prompt), args.endpoint == "chat")
 
 
 async def run_load(args, rate: float, concurrency: int | None) -> dict:
     rng = random.Random(args.seed)
     prompts = [make_prompt(rng, args.input_len) for _ in range(args.num_requests)]
-    limit = asyncio.Semaphore(concurrency) if concurrency else None
     conns = concurrency or args.num_requests
     async with httpx.AsyncClient(timeout=args.timeout, headers=auth_headers(args),
                                  limits=httpx.Limits(max_connections=conns + 4, max_keepalive_connections=conns + 4)) as client:
-        async def guarded(prompt):
-            if limit is None:
-                return await one_request(client, args, prompt)
-            async with limit:
-                return await one_request(client, args, prompt)
-
-        t_start, tasks = time.perf_counter(), []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(guarded(prompt)))
-            if not math.isinf(rate):
-                await asyncio.sleep(rng.expovariate(rate))  # Poisson process: exponential gaps
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t_start
+        results, duration = await drive(lambda prompt: one_request(client, args, prompt), prompts,
+                                        concurrency, rate, rng)
     return summarize(results, duration, rate, concurrency)
-
-
-def percentiles(values: list, scale: float = 1000.0) -> dict | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=float) * scale
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-
-
-def summarize(results: list, duration: float, rate: float, concurrency: int | None) -> dict:
-    ok = [r for r in results if r["ok"]]
-    out_tokens = sum(r["output_tokens"] for r in ok)
-    prompt_tokens = sum(r["prompt_tokens"] or 0 for r in ok)
-    return {
-        "request_rate": "inf" if math.isinf(rate) else rate, "concurrency": concurrency,
-        "completed": len(ok), "failed": len(results) - len(ok),
-        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
-        "duration_s": duration,
-        "request_throughput": len(ok) / duration, "output_token_throughput": out_tokens / duration,
-        "total_token_throughput": (prompt_tokens + out_tokens) / duration,
-        "total_output_tokens": out_tokens, "total_prompt_tokens": prompt_tokens,
-        "ttft_ms": percentiles([r["ttft"] for r in ok]),
-        "tpot_ms": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
-        "itl_ms": percentiles([x for r in ok for x in r["itl"]]),
-        "e2e_ms": percentiles([r["e2e"] for r in ok]),
-        # raw per-request values for the plot; dropped from the JSON
-        "_raw": {"ttft": [r["ttft"] for r in ok], "e2e": [r["e2e"] for r in ok],
-                 "itl": [x for r in ok for x in r["itl"]], "tpot": [r["tpot"] for r in ok if r["tpot"]]},
-    }
 
 
 def plot(runs: list, path: str):

@@ -1,7 +1,7 @@
 """`nanoseek eval ...`: the argparse wiring for the evaluation runners.
 
-`add_eval_parser(subparsers)` adds the `eval` command with `gsm8k`, `humaneval` and `compare`
-under it; each sets `func` to its handler, which takes the parsed args, raises NanoseekError
+`add_eval_parser(subparsers)` adds the `eval` command with `gsm8k`, `humaneval`, `perf` and
+`compare` under it; each sets `func` to its handler, which takes the parsed args, raises NanoseekError
 on bad input and returns an exit code.
 
 A model is either a server (`--base-url URL --model NAME`, OpenAI-compatible) or a local
@@ -16,20 +16,22 @@ import os
 import sys
 
 from nanoseek.errors import NanoseekError
-from nanoseek.eval import gsm8k, humaneval, runner
+from nanoseek.eval import gsm8k, humaneval, perf, runner
 from nanoseek.loading import LOAD_PRECISIONS
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model on GSM8K or HumanEval",
-        description="Evaluate a model on GSM8K or HumanEval, or compare results.json files.",
+        help="evaluate a model on GSM8K or HumanEval, or measure its latency and memory",
+        description="Evaluate a model on GSM8K or HumanEval, measure its serving performance, "
+                    "or compare results.json files.",
     )
-    tasks = parser.add_subparsers(dest="eval_command", metavar="{gsm8k,humaneval,compare}")
+    tasks = parser.add_subparsers(dest="eval_command", metavar="{gsm8k,humaneval,perf,compare}")
     tasks.required = True
     _add_gsm8k_parser(tasks)
     _add_humaneval_parser(tasks)
+    _add_perf_parser(tasks)
     _add_compare_parser(tasks)
     return parser
 
@@ -74,6 +76,58 @@ def _add_humaneval_parser(tasks) -> None:
     parser.add_argument("--ignore-incomplete", action="store_true",
                         help="with --samples: allow problems without samples")
     parser.set_defaults(func=cmd_humaneval)
+
+
+def _add_perf_parser(tasks) -> None:
+    parser = tasks.add_parser(
+        "perf", help="TTFT / TPOT / ITL / E2E percentiles, throughput and memory vs the targets",
+        description="Stream requests at batch 1 and at each --concurrency level; report latency "
+                    "percentiles, throughput, peak RSS and the weights / KV-cache split, against "
+                    f"the targets TTFT p50 and p99 < {perf.TARGET_TTFT_MS:.0f} ms and peak memory "
+                    f"< {perf.TARGET_MEMORY_BYTES / 1e9:.0f} GB.")
+    parser.add_argument("--base-url", metavar="URL",
+                        help="OpenAI-compatible server, e.g. http://127.0.0.1:6006/v1 (default: the "
+                             "model in-process, through the engine's streaming path)")
+    parser.add_argument("--model", metavar="NAME|PATH",
+                        help="model name on the server (default: the first of GET /v1/models); "
+                             "without --base-url, a checkpoint (GGUF file, HF directory or repo id; "
+                             "default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--api-key", help="bearer token for the server "
+                                          "(default: $OPENAI_API_KEY if set)")
+    parser.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
+                        help="in-process weights: fp32, bf16, or quantized on load: int8, "
+                             "int8-dynamic, fp8 (default: bf16)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0,
+                        help="in-process KV cache pool, GiB, as `nanoseek serve` takes it (default: 1)")
+    parser.add_argument("--server-pid", type=int, metavar="PID",
+                        help="with --base-url: the server's process id, to read its peak RSS from "
+                             "/proc/PID/status (else memory is not measured)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                        help="completions: raw prompts; chat: one user message in the chat "
+                             "template (default: completions)")
+    parser.add_argument("--concurrency", default="8", metavar="C[,C...]",
+                        help="requests in flight, one run per value, e.g. 1,8,32; batch 1 always "
+                             "runs (default: 8)")
+    parser.add_argument("--num-requests", type=int, default=16,
+                        help="requests per concurrency level (default: 16)")
+    parser.add_argument("--prompt-tokens", type=int, default=64,
+                        help="prompt length in tokens (exact in-process; words, about a token "
+                             "each, over HTTP) (default: 64)")
+    parser.add_argument("--max-tokens", type=int, default=32,
+                        help="tokens generated per request (default: 32)")
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                        help="let requests stop at EOS (default: ignore_eos, so every request "
+                             "generates exactly --max-tokens)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="requests sent and not measured before the first level (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per request over HTTP (default: 600)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: runs/eval/perf-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=cmd_perf)
 
 
 def _add_compare_parser(tasks) -> None:
@@ -156,6 +210,43 @@ def cmd_humaneval(args) -> int:
             max_tokens=args.max_tokens, seed=args.seed, timeout=args.timeout,
             data_path=args.data, model_name=args.model, progress=not args.no_progress,
         )
+    _report(results, out_dir)
+    return 0
+
+
+def cmd_perf(args) -> int:
+    levels = perf.parse_levels(args.concurrency)
+    for flag, value, low in (("--num-requests", args.num_requests, 1), ("--prompt-tokens", args.prompt_tokens, 1),
+                             ("--max-tokens", args.max_tokens, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise NanoseekError(f"{flag} must be >= {low}, got {value}")
+    if args.temperature < 0:
+        raise NanoseekError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.timeout <= 0:
+        raise NanoseekError(f"--timeout must be > 0, got {args.timeout}")
+    if args.kv_cache_gib <= 0:
+        raise NanoseekError(f"--kv-cache-gib must be > 0, got {args.kv_cache_gib}")
+    common = dict(endpoint=args.endpoint, max_tokens=args.max_tokens, temperature=args.temperature,
+                  ignore_eos=args.ignore_eos)
+    if args.base_url:
+        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        backend = perf.OpenAIStreamer(args.base_url, args.model, api_key, timeout=args.timeout,
+                                      max_concurrency=max(levels), server_pid=args.server_pid, **common)
+        config = {"endpoint": args.endpoint, "ignore_eos": args.ignore_eos, "temperature": args.temperature}
+    else:
+        if args.server_pid is not None:
+            raise NanoseekError("--server-pid needs --base-url (in-process runs measure this process)")
+        try:
+            from nanoseek.eval.inprocess import make_inprocess_streamer
+        except ImportError as exc:
+            raise NanoseekError(f"in-process perf needs the nanoseek engine ({exc})") from exc
+        backend = make_inprocess_streamer(args.model, args.precision, args.kv_cache_gib, **common)
+        config = {"endpoint": args.endpoint, "ignore_eos": args.ignore_eos, "temperature": args.temperature,
+                  "precision": args.precision, "kv_cache_gib": args.kv_cache_gib}
+    out_dir = args.out or _default_out("perf")
+    results = perf.run_perf(backend, concurrency=levels, num_requests=args.num_requests,
+                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, warmup=args.warmup,
+                            seed=args.seed, out_dir=out_dir, config=config, progress=not args.no_progress)
     _report(results, out_dir)
     return 0
 

@@ -469,6 +469,9 @@ def write_outputs(out_dir: str, results: dict, records) -> None:
 
 
 def summary_markdown(results: dict) -> str:
+    if results.get("task") == "perf":
+        from nanoseek.eval import perf
+        return perf.summary_markdown(results)
     config, data = results["config"], results["data"]
     lines = [f"# {results['task']}: {results['model']}", ""]
     settings = ", ".join(f"{key}={config[key]}" for key in config if key not in ("stop",))
@@ -487,6 +490,9 @@ def summary_markdown(results: dict) -> str:
 
 def score_cells(results: dict) -> dict[str, str]:
     """Flattened metric name -> "63.2 ± 1.3" (percent) for one results.json."""
+    if results.get("task") == "perf":  # latencies, throughput, memory: not percentages
+        from nanoseek.eval import perf
+        return perf.score_cells(results)
     cells = {}
     for key, value in results["scores"].items():
         if isinstance(value, dict):  # GSM8K: one dict of metrics per filter
@@ -545,8 +551,9 @@ def _run_labels(runs: Sequence[dict], paths: Sequence[str]) -> list[str]:
         fmt = results.get("config", {}).get("format")
         task = results["task"] + (f"/{fmt}" if fmt else "")
         labels.append(f"{results['model']} ({task})")
+    repeated = {label for label in labels if labels.count(label) > 1}
     for index, label in enumerate(labels):
-        if labels.count(label) > 1:
+        if label in repeated:  # every run of a repeated label gets its directory, not just the first
             run_dir = os.path.basename(os.path.dirname(os.path.abspath(paths[index])))
             labels[index] = f"{label} [{run_dir}]"
     return [label.replace("|", "/") for label in labels]
