@@ -19,7 +19,8 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
     path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
     Hugging Face repo id (downloaded when a network allows), or None for the embedded
     default (SmolLM2-135M-Instruct). precision: fp32 | bf16, or a quantization scheme
-    (int8 | int8-dynamic | fp8: quantized on load, computing in bf16). A checkpoint whose
+    (int8 | int8-dynamic | fp8: quantized on load, computing in bf16; int8 includes the
+    embeddings and lm_head). A checkpoint whose
     config.json has a quantization_config loads quantized whatever the precision.
     adapter: a LoRA adapter dir (PEFT format), merged into the weights in fp32 before the
     cast / quantization, so the fine-tune serves at the base model's speed.
@@ -47,7 +48,10 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
         from nanoseek.train.lora import cast_model, load_adapter
         model = cast_model(load_adapter(model, adapter, merge=True), final_precision)
     if scheme is not None:
-        model = quantize_model(model, scheme)
+        # int8 takes the embeddings and lm_head too: a tied lm_head is 20% of SmolLM2's weights
+        # and, left in bf16, a fifth of each decode step; quantized it costs +0.4% perplexity
+        # (docs/BENCHMARKS.md). fp8 computes from a bf16 copy on CPU, so there it would only lose.
+        model = quantize_model(model, scheme, quantize_embeddings=scheme != "fp8")
     if tokenizer is not None and not model.config.eos_token_id:
         model.config.eos_token_id = list(tokenizer.eos_token_ids)
     return model, tokenizer

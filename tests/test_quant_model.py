@@ -153,7 +153,11 @@ def test_load_with_a_quantization_precision(sources, tmp_path):
     model, _ = nanoseek.load(sources["llama"], "int8")
     assert isinstance(model, QuantizedTransformer) and model.quant_scheme == "int8"
     assert isinstance(model.layers[1].mlp.down_proj, Int8Linear) and not model.layers[1].mlp.down_proj.dynamic
-    assert isinstance(model.embed_tokens, torch.nn.Embedding) and model.dtype == torch.bfloat16
+    # int8 takes the embeddings and the lm_head too (their bf16 matmul would dominate a decode step)
+    assert isinstance(model.embed_tokens, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.dtype == torch.bfloat16
+    fp8_direct, _ = nanoseek.load(sources["llama"], "fp8")  # fp8 keeps them: on CPU it computes from bf16 anyway
+    assert isinstance(fp8_direct.embed_tokens, torch.nn.Embedding)
     model.save(tmp_path)
     again, _ = nanoseek.load(tmp_path, "int8-dynamic")  # an int8 checkpoint, switched to dynamic activations
     assert again.quant_scheme == "int8-dynamic" and again.layers[1].mlp.down_proj.dynamic

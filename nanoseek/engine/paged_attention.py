@@ -29,6 +29,10 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return (per_layer * cfg.n_layers + index) * torch.finfo(dtype).bits // 8
 
 
+# below this many decoding sequences SDPA's fused kernel (one call per step) beats two bmms
+FEW_SEQS = 8
+
+
 class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
         kshape, vshape = kv_entry_shapes(cfg)
@@ -89,13 +93,21 @@ class PagedAttention:
         gqa = kc.shape[2] != q.shape[1]
         if len(self.decode_rows):
             B = len(self.decode_rows)
-            # each sequence's cache as rows of [Hkv * D], gathered block by block; one query per
-            # sequence over its own rows (SDPA takes its math path with a mask and GQA: 20x slower)
             Hkv = kc.shape[2]
-            K = kc.index_select(0, self.decode_flat).view(B, -1, Hkv * kc.shape[3])       # [B, L, Hkv*Dk]
-            V = K if vc is None else vc.index_select(0, self.decode_flat).view(B, -1, Hkv * vc.shape[3])
+            K = kc.index_select(0, self.decode_flat).view(B, -1, *kc.shape[2:])          # [B, L, Hkv, Dk]
+            V = K[..., :v_dim] if vc is None else vc.index_select(0, self.decode_flat).view(B, -1, *vc.shape[2:])
             qd = q if self.all_decode else q[self.decode_rows]                           # [B, H, Dk]
-            o = attend_rows(qd, K, V, self.decode_valid, scale, v_dim, Hkv)
+            if B < FEW_SEQS:
+                # the query heads of a group are the query rows of their one KV head: SDPA's
+                # fused kernel, and no head expansion of the cache (the latent is MLA's one head)
+                o = F.scaled_dot_product_attention(qd.view(B, Hkv, -1, qd.shape[-1]), K.transpose(1, 2),
+                                                   V.transpose(1, 2), attn_mask=self.decode_valid[:, None, None, :],
+                                                   scale=scale)                            # [B, Hkv, G, Dv]
+            else:
+                # many sequences: SDPA with a mask runs its math path per sequence (10x slower at
+                # 32); two bmms over each sequence's rows of [Hkv * D] serve them all at once
+                Kf = K.flatten(2)
+                o = attend_rows(qd, Kf, Kf if vc is None else V.flatten(2), self.decode_valid, scale, v_dim, Hkv)
             if self.all_decode:
                 return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)
