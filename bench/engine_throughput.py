@@ -7,10 +7,10 @@
      does not batch sequences);
   3. prefix cache: TTFT of a request sharing a 1,000-token prefix, cache on vs off.
 
-    python bench/engine_throughput.py [--skip-llamacpp]
+    python bench/engine_throughput.py [--precision bf16,int8] [--skip-llamacpp]
 
-llama.cpp is a bench extra: `CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ..." pip install
-llama-cpp-python==0.3.36` (see docs/BENCHMARKS.md); without it those columns are skipped.
+llama.cpp is a bench extra: `bash bench/install_peers.sh llamacpp` builds llama-cpp-python for
+this CPU; without it those columns are skipped.
 """
 
 import argparse
@@ -93,43 +93,49 @@ def llamacpp_decode_tps(llm, prompt, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="bf16,int8", help="nanoseek precisions, comma-separated (default: bf16,int8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and llama.cpp threads)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    precisions = args.precision.split(",")
     path = smollm2_path()
-    res = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 GGUF", "precision": args.precision}
-    model, tok = nanoseek.load(path, args.precision)
-    engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
+    res = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 GGUF", "precisions": precisions,
+           "decode_b1": {}, "batch32": {}}
+    engines = {}
+    for prec in precisions:
+        model, tok = nanoseek.load(path, prec)
+        engines[prec] = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
     lcpp = None if args.skip_llamacpp else llamacpp(path, args.threads)
     short = random_prompts(1, 32, 0)[0]
 
-    # 1. batch-1 decode, interleaved
-    engine_decode_tps(engine, short, 8)
-    ns, lc = [], []
+    # 1. batch-1 decode, interleaved rounds so load changes hit every system alike
+    runs = {name: [] for name in [*precisions, "llama.cpp"]}
+    for prec in precisions:
+        engine_decode_tps(engines[prec], short, 8)
     for _ in range(args.repeats):
-        ns.append(engine_decode_tps(engine, short, 128))
+        for prec in precisions:
+            runs[prec].append(engine_decode_tps(engines[prec], short, 128))
         if lcpp is not None:
-            lc.append(llamacpp_decode_tps(lcpp, short, 128))
-    res["decode_b1"] = {"nanoseek": round(median(ns), 1), "llama.cpp": round(median(lc), 1) if lc else None}
+            runs["llama.cpp"].append(llamacpp_decode_tps(lcpp, short, 128))
+    res["decode_b1"] = {(f"nanoseek {k}" if k in precisions else k): round(median(v), 1) for k, v in runs.items() if v}
     print(res["decode_b1"], flush=True)
 
     # 2. 32 concurrent requests, 128 in / 128 out
     prompts = random_prompts(32, 128, 1)
-    res["batch32"] = {"nanoseek": round(engine_batch_tps(engine, prompts, 128), 1)}
+    for prec in precisions:
+        res["batch32"][f"nanoseek {prec}"] = round(engine_batch_tps(engines[prec], prompts, 128), 1)
     for prec in ("fp32", "bf16"):
-        res["batch32"][f"transformers_{prec}"] = round(transformers_batch_tps(path, prec, prompts, 128), 1)
+        res["batch32"][f"transformers {prec}"] = round(transformers_batch_tps(path, prec, prompts, 128), 1)
     if lcpp is not None:
         t = timed(lambda: [llamacpp_decode_tps(lcpp, p, 128) for p in prompts])
         res["batch32"]["llama.cpp (sequential)"] = round(32 * 128 / t, 1)
-    best_hf = max(res["batch32"]["transformers_fp32"], res["batch32"]["transformers_bf16"])
-    res["batch32"]["ratio_vs_best_transformers"] = round(res["batch32"]["nanoseek"] / best_hf, 2)
     print(res["batch32"], flush=True)
 
-    # 3. prefix cache: shared 1,000-token prefix
+    # 3. prefix cache: shared 1,000-token prefix (first precision)
+    model, tok = engines[precisions[0]].model, engines[precisions[0]].tokenizer
     prefix = random_prompts(1, 1000, 2)[0]
     tails = random_prompts(2 * args.repeats + 1, 24, 3)
     ttft = {}
@@ -141,19 +147,20 @@ def main():
     res["prefix_cache_ttft_ms"] = ttft
     print(ttft, flush=True)
 
-    lines = [
-        "| benchmark | nanoseek | peer | ratio |", "|---|---|---|---|",
-        f"| batch-1 decode tok/s ({args.precision}) | {res['decode_b1']['nanoseek']} | llama.cpp {res['decode_b1']['llama.cpp']} | "
-        + (f"{res['decode_b1']['nanoseek'] / res['decode_b1']['llama.cpp']:.2f}x |" if res['decode_b1']['llama.cpp'] else "n/a |"),
-        f"| 32 x (128 in, 128 out) output tok/s | {res['batch32']['nanoseek']} | transformers fp32 {res['batch32']['transformers_fp32']}, "
-        f"bf16 {res['batch32']['transformers_bf16']}; llama.cpp {res['batch32'].get('llama.cpp (sequential)')} | "
-        f"{res['batch32']['ratio_vs_best_transformers']}x vs best transformers |",
-        f"| TTFT, 1,000-token shared prefix (ms) | cache on {ttft['on']} | cache off {ttft['off']} | {ttft['speedup']}x |",
-    ]
+    d, b = res["decode_b1"], res["batch32"]
+    best_hf = max(b["transformers fp32"], b["transformers bf16"])
+    lines = ["| benchmark | system | tok/s | ratio |", "|---|---|---|---|"]
+    for name, v in d.items():
+        ratio = f"{v / d['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in d else "-"
+        lines.append(f"| batch-1 decode | {name} | {v} | {ratio} |")
+    for name, v in b.items():
+        lines.append(f"| 32 x (128 in, 128 out), output | {name} | {v} | {v / best_hf:.2f}x best transformers |")
+    lines.append(f"| TTFT, 1,000-token shared prefix ({precisions[0]}) | cache on {ttft['on']} ms | cache off "
+                 f"{ttft['off']} ms | {ttft['speedup']}x |")
     out = Path(args.out)
     write_results(out, "engine_throughput", res, "\n".join(lines))
-    bar_png(out / "engine_throughput.png", "32 concurrent requests: output tokens/s", ["32 x 128/128"],
-            {k: [v] for k, v in res["batch32"].items() if not k.startswith("ratio") and v}, "tokens/s")
+    bar_png(out / "engine_throughput.png", "SmolLM2-135M: output tokens/s", ["batch-1 decode", "32 x 128/128"],
+            {k: [d.get(k, 0), b.get(k, 0)] for k in dict.fromkeys([*d, *b])}, "tokens/s")
 
 
 if __name__ == "__main__":
