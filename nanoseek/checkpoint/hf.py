@@ -148,6 +148,13 @@ def atomic_write(path: Path, write):
             os.remove(tmp)
 
 
+def standalone(t: torch.Tensor) -> torch.Tensor:
+    """t as a tensor that owns its storage: safetensors refuses views of a larger one (which
+    packed inference projections make of q/k/v and gate/up, nanoseek/model/packing.py)."""
+    t = t.detach()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t.contiguous()
+
+
 def save_hf(model: Transformer, path, tokenizer=None):
     path = Path(path)
     cfg = model.config
@@ -155,7 +162,7 @@ def save_hf(model: Transformer, path, tokenizer=None):
     for k, v in model.state_dict().items():
         if cfg.tie_embeddings and k == "lm_head.weight":
             continue
-        sd[hf_name(k)] = v.detach().contiguous()
+        sd[hf_name(k)] = standalone(v)
     hf = cfg.to_hf()
     hf["torch_dtype"] = hf["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(model.dtype, "float32")
     atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))

@@ -23,6 +23,7 @@ from nanoseek.engine.metrics import EngineMetrics
 from nanoseek.engine.outputs import CompletionOutput, RequestOutput
 from nanoseek.engine.paged_attention import PagedAttention, PagedKVCache, kv_bytes_per_token
 from nanoseek.errors import NanoseekError
+from nanoseek.model.packing import pack_projections
 from nanoseek.sampling import SamplingParams, apply_penalties, sample_row, top_logprobs
 
 
@@ -70,6 +71,7 @@ class Engine:
                  kv_cache_gib: float | None = 1.0, num_blocks: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
+        pack_projections(model)  # q/k/v and gate/up as one matmul each (tensors shared, nothing copied)
         cfg = model.config
         if num_blocks is None:
             per_block = kv_bytes_per_token(cfg, model.dtype) * block_size

@@ -46,13 +46,20 @@ class GQA(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.indexer = Indexer(cfg, layer_id) if cfg.layer_has_indexer(layer_id) else None
+        self.packed = None  # q/k/v as one matmul, set for inference by nanoseek/model/packing.py
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.packed is not None and self.packed.valid((self.q_proj, self.k_proj, self.v_proj)):
+            qkv = self.packed(x).view(B, T, H + 2 * Hkv, D)
+            qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin, self.interleaved)  # q and k heads in one go
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         index = None if self.indexer is None else self.indexer(x, x, cos, sin)
         if cache is None and (index is None or not index.sparse_for(T)):
             out = causal_attention(q, k, v, self.scale)

@@ -29,8 +29,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.packed = None  # gate/up as one matmul, set for inference by nanoseek/model/packing.py
 
     def forward(self, x):
+        if self.packed is not None and self.packed.valid((self.gate_proj, self.up_proj)):
+            gate, up = self.packed(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.checkpoint.fp8 import BLOCK
-from nanoseek.checkpoint.hf import PRECISIONS, atomic_write, build_model, hf_name, our_name, safetensors_files
+from nanoseek.checkpoint.hf import PRECISIONS, atomic_write, build_model, hf_name, our_name, safetensors_files, standalone
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.quant.convert import QuantizedTransformer, as_quantized, dynamic_activations
@@ -76,7 +76,7 @@ def save_quantized(model: QuantizedTransformer, path, tokenizer=None):
             continue
         if key.endswith(".qweight"):
             key = key.removesuffix(".qweight") + ".weight"
-        sd[hf_name(key)] = t.detach().contiguous()
+        sd[hf_name(key)] = standalone(t)
     hf = cfg.to_hf()
     hf["torch_dtype"] = hf["dtype"] = DTYPE_NAMES.get(model.dtype, "float32")
     hf["quantization_config"] = quantization_config(model.quant_scheme)

@@ -1,0 +1,94 @@
+"""Packed projections for inference: q/k/v as one matmul, gate/up as one.
+
+At batch-1 decode every matmul is a GEMV plus Python dispatch, so three small q/k/v matmuls
+cost more than one of their stacked weights (vLLM packs them the same way: QKVParallelLinear,
+MergedColumnParallelLinear). `pack_projections(model)` stacks the weights once and makes the
+original modules' tensors views of the stack, so:
+  - memory is unchanged, and nothing in checkpoints, state dicts or module names changes;
+  - in-place updates (an optimizer step, load_state_dict) reach the packed matmul;
+  - anything that swaps a module or its tensor (LoRA wrapping q_proj, quantize_model, a
+    dtype cast) is noticed on the next forward, which then runs the plain modules;
+  - with autograd on (training) the plain modules run, so gradients reach their Parameters.
+Works for nn.Linear and Int8Linear (rows and their per-row scales stack exactly).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.quant.layers import Int8Linear
+
+
+def _tensor(m):
+    return m.weight if isinstance(m, nn.Linear) else m.qweight
+
+
+class Packed:
+    """One matmul standing for `modules` (same input; outputs side by side on the last dim).
+    Not an nn.Module: it must not appear in parameters() or state_dict(); the modules own the
+    tensors, which are views of this one's stacked weight."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        ws = [_tensor(m) for m in modules]
+        bias = _cat_bias(modules)
+        if isinstance(modules[0], Int8Linear):
+            self.int8 = Int8Linear(torch.cat([w.data for w in ws]), torch.cat([m.weight_scale for m in modules]),
+                                   bias, modules[0].dynamic, modules[0].dtype)
+            self.weight, self.bias = self.int8.qweight, self.int8.bias
+        else:
+            self.int8, self.weight, self.bias = None, torch.cat([w.data for w in ws]), bias
+        # the modules' tensors become views of the stack (same Parameter objects: optimizers keep theirs)
+        a = 0
+        for m, w, n in zip(modules, ws, self.sizes):
+            w.data = self.weight[a:a + n]
+            if self.int8 is not None:
+                m.weight_scale = self.int8.weight_scale[a:a + n]
+            if m.bias is not None:
+                m.bias.data = self.bias[a:a + n]
+            a += n
+        self.ptrs = [_tensor(m).data_ptr() for m in modules]
+
+    def valid(self, modules) -> bool:
+        """Usable now: no autograd (gradients must reach the modules' own Parameters, so training
+        runs the plain modules), and still standing for exactly these modules, whose tensors
+        still live in the stack?"""
+        return not torch.is_grad_enabled() and all(
+            m is p and _tensor(m).data_ptr() == ptr for m, p, ptr in zip(modules, self.modules, self.ptrs))
+
+    def __call__(self, x):
+        return self.int8(x) if self.int8 is not None else F.linear(x, self.weight, self.bias)
+
+
+def _cat_bias(modules):
+    return None if modules[0].bias is None else torch.cat([m.bias.data for m in modules])
+
+
+def packable(modules) -> bool:
+    kinds = {type(m) for m in modules}
+    if len(kinds) != 1 or kinds.pop() not in (nn.Linear, Int8Linear):
+        return False
+    w = [_tensor(m) for m in modules]
+    same = all(t.dtype == w[0].dtype and t.device == w[0].device and t.shape[1] == w[0].shape[1] for t in w)
+    same = same and len({m.bias is None for m in modules}) == 1  # all biased (Qwen2's q/k/v) or none
+    if isinstance(modules[0], Int8Linear):
+        same = same and all(m.dynamic == modules[0].dynamic and m.dtype == modules[0].dtype for m in modules)
+    return same
+
+
+@torch.no_grad()
+def pack_projections(model) -> int:
+    """Pack every GQA layer's q/k/v and every SwiGLU MLP's gate/up (dense layers, routed and
+    shared experts); returns how many. Modules that differ in kind, dtype or bias are left as
+    they are. The packed matmuls run only without autograd (generation, evaluation)."""
+    from nanoseek.model.attention import GQA
+    from nanoseek.model.layers import MLP
+    count = 0
+    for m in model.modules():
+        group = ([m.q_proj, m.k_proj, m.v_proj] if isinstance(m, GQA) else
+                 [m.gate_proj, m.up_proj] if isinstance(m, MLP) else None)
+        if group is not None and m.packed is None and packable(group):
+            m.packed = Packed(group)
+            count += 1
+    return count
