@@ -106,6 +106,18 @@ def test_abort_frees_all_blocks(model):
     assert eng.blocks.num_used == 0 and not eng.has_unfinished()
 
 
+def test_generate_iter_yields_as_requests_finish_and_an_abandoned_one_frees_blocks(model):
+    llm = LLM(model, block_size=4, max_batch_tokens=256, enable_prefix_caching=False)
+    ps = prompts(6, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=12 - 2 * i, ignore_eos=True) for i in range(6)]
+    order = [i for i, out in llm.generate_iter(ps, params)]
+    assert sorted(order) == list(range(6)) and order[0] == 5  # the shortest request comes back first
+    it = llm.generate_iter(ps, params)
+    next(it)
+    it.close()  # a caller that stops listening (an exception, Ctrl-C) must not leave blocks held
+    assert llm.engine.blocks.num_used == 0 and not llm.engine.has_unfinished()
+
+
 def test_seeded_sampling_reproducible_whatever_the_batch(model):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True)
     p = prompts(1, seed=8)[0]

@@ -158,6 +158,37 @@ def test_generator_returning_the_wrong_shape_is_an_error(tmp_path, gsm8k_files):
                          progress=False)
 
 
+def test_streaming_generator_gets_every_request_at_once_and_answers_land_in_order(tmp_path, gsm8k_files):
+    """A generator with generate_iter is handed all requests in one call (no batch barrier
+    leaving the backend idle) and may finish them in any order."""
+    test, _ = gsm8k_files
+    docs = gsm8k.load_jsonl(str(test))
+
+    class Streaming(FakeGenerator):
+        calls = 0
+
+        def generate_iter(self, requests):
+            type(self).calls += 1
+            answers = self.generate(requests)
+            for i in reversed(range(len(requests))):  # last first
+                yield i, answers[i]
+
+    streaming = Streaming(CANNED)
+    a = runner.run_gsm8k(streaming, docs, "gsm8k_cot", out_dir=str(tmp_path / "a"), batch_size=1, progress=False)
+    b = runner.run_gsm8k(FakeGenerator(CANNED), docs, "gsm8k_cot", out_dir=str(tmp_path / "b"), batch_size=1,
+                         progress=False)
+    assert Streaming.calls == 1 and len(streaming.requests) == len(docs)
+    assert a["scores"] == b["scores"]
+    assert read_jsonl(tmp_path / "a" / "samples.jsonl") == read_jsonl(tmp_path / "b" / "samples.jsonl")
+
+    class Lossy(FakeGenerator):
+        def generate_iter(self, requests):
+            yield 0, self.generate(requests)[0]  # the rest never come back
+
+    with pytest.raises(NanoseekError, match="Lossy.generate must return 1 strings per request"):
+        runner.run_gsm8k(Lossy(CANNED), docs, "gsm8k_cot", out_dir=str(tmp_path / "c"), progress=False)
+
+
 # ------------------------------------------------------------------------------ HumanEval
 
 

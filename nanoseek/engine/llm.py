@@ -36,23 +36,31 @@ class LLM:
         """prompts: a string, a token-id list, or a list of either. Outputs keep input order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        done = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            for i, out in self.generate_iter(prompts, params):
+                done[i] = out
+                bar.update(1)
+        return done
+
+    def generate_iter(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
+        """Yield (index into prompts, RequestOutput) as each request finishes, all of them
+        running together: a caller that wants progress never holds the batch back."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        done = {}
-        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        index = {rid: i for i, rid in enumerate(ids)}
+        finished = set()
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+                        finished.add(out.request_id)
+                        yield index[out.request_id], out
         finally:
-            bar.close()
-            for rid in ids:  # an exception (e.g. KeyboardInterrupt) must not leave requests holding blocks
-                if rid not in done:
+            for rid in ids:  # an exception, Ctrl-C or an abandoned iterator must not leave blocks held
+                if rid not in finished:
                     self.engine.abort(rid)
-        return [done[r] for r in ids]
 
     def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[RequestOutput]:
         """messages: one conversation (list of {role, content}) or a list of them."""

@@ -21,12 +21,19 @@ class EngineGenerator:
         self.llm, self.model = llm, name
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        outs = [None] * len(requests)
+        for i, texts in self.generate_iter(requests):
+            outs[i] = texts
+        return outs
+
+    def generate_iter(self, requests: list[GenRequest]):
+        """(index, texts) as each request finishes; the engine runs them all together."""
         tok = self.llm.tokenizer
         prompts = [tok.apply_chat_template(r.messages) if r.messages is not None else r.prompt for r in requests]
         params = [SamplingParams(n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                                  stop=list(r.stop), seed=r.seed) for r in requests]
-        outs = self.llm.generate(prompts, params)
-        return [[c.text for c in o.outputs] for o in outs]
+        for i, out in self.llm.generate_iter(prompts, params):
+            yield i, [c.text for c in out.outputs]
 
 
 def make_inprocess_generator(model_path, precision: str = "bf16") -> EngineGenerator:

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -112,10 +112,18 @@ class OpenAIGenerator:
         )
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        outs = [None] * len(requests)
+        for i, texts in self.generate_iter(requests):
+            outs[i] = texts
+        return outs
+
+    def generate_iter(self, requests: list[GenRequest]):
+        """(index, texts) as each request finishes, `concurrency` always in flight."""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._sample, request) for request in requests]
+            futures = {pool.submit(self._sample, request): i for i, request in enumerate(requests)}
             try:
-                return [future.result() for future in futures]
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
             except BaseException:  # an error or Ctrl-C: send nothing more
                 for future in futures:
                     future.cancel()
@@ -384,12 +392,24 @@ def _score_and_write(problems, samples, config, k, workers, timeout, out_dir, st
 
 def generate_all(generator: Generator, requests: list[GenRequest], batch_size: int,
                  progress: bool, desc: str) -> list[list[str]]:
-    """Call the generator batch by batch under a progress bar; check what comes back."""
+    """Run every request under a progress bar; check what comes back.
+
+    A generator with `generate_iter` (ours: the engine, OpenAI servers) gets all requests at
+    once and reports each as it finishes, so the backend always has work queued; waiting for
+    a whole batch before sending the next left a server running its last few long answers
+    alone (lm-eval keeps its requests in flight the same way). Others go batch by batch.
+    """
     if batch_size < 1:
         raise NanoseekError(f"batch_size must be >= 1, got {batch_size}")
-    outputs: list[list[str]] = []
     with tqdm(total=len(requests), desc=f"{desc} generate", unit="prompt",
               disable=not progress) as bar:
+        if hasattr(generator, "generate_iter"):
+            outputs: list = [None] * len(requests)
+            for i, texts in generator.generate_iter(requests):
+                outputs[i] = texts
+                bar.update(1)
+            return _checked(outputs, requests, generator)
+        outputs = []
         for start in range(0, len(requests), batch_size):
             batch = requests[start:start + batch_size]
             outputs += _checked(generator.generate(batch), batch, generator)
@@ -403,7 +423,7 @@ def _checked(outputs, batch: list[GenRequest], generator) -> list[list[str]]:
         got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
         raise NanoseekError(f"{name}.generate returned {got} results for {len(batch)} requests")
     for texts, request in zip(outputs, batch):
-        if len(texts) != request.n or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, (list, tuple)) or len(texts) != request.n or not all(isinstance(t, str) for t in texts):
             raise NanoseekError(f"{name}.generate must return {request.n} strings per request")
     return [list(texts) for texts in outputs]
 
