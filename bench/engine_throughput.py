@@ -55,19 +55,23 @@ def engine_ttft(engine, prompt):
     return timed(lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
 
 
-def transformers_batch_tps(path, precision, prompts, n):
+def transformers_model(path, precision):
     from transformers import AutoModelForCausalLM
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
+    with torch.inference_mode():  # warm-up
+        x = torch.tensor([[100, 200, 300]] * 2)
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False)
+    return model
+
+
+def transformers_batch_tps(model, prompts, n):
     x = torch.tensor(prompts)  # equal lengths: no padding needed, the fairest case for transformers
 
     @torch.inference_mode()
     def run():
         model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    run_small = lambda: model.generate(x[:2], attention_mask=torch.ones_like(x[:2]), max_new_tokens=2, do_sample=False)  # noqa: E731
-    with torch.inference_mode():
-        run_small()
     return len(prompts) * n / timed(run)
 
 
@@ -124,11 +128,19 @@ def main():
     print(res["decode_b1"], flush=True)
 
     # 2. 32 concurrent requests, 128 in / 128 out
+    # (median of --repeats interleaved rounds: one 32-request run is ~10 s, long enough for the
+    # machine's noise to move it by 20%)
     prompts = random_prompts(32, 128, 1)
-    for prec in precisions:
-        res["batch32"][f"nanoseek {prec}"] = round(engine_batch_tps(engines[prec], prompts, 128), 1)
-    for prec in ("fp32", "bf16"):
-        res["batch32"][f"transformers {prec}"] = round(transformers_batch_tps(path, prec, prompts, 128), 1)
+    hf = {prec: transformers_model(path, prec) for prec in ("fp32", "bf16")}
+    runs = {}
+    for _ in range(args.repeats):
+        for prec in precisions:
+            runs.setdefault(f"nanoseek {prec}", []).append(engine_batch_tps(engines[prec], prompts, 128))
+        for prec, model in hf.items():
+            runs.setdefault(f"transformers {prec}", []).append(transformers_batch_tps(model, prompts, 128))
+    res["batch32"] = {k: round(median(v), 1) for k, v in runs.items()}
+    res["batch32_runs"] = {k: [round(x, 1) for x in v] for k, v in runs.items()}
+    del hf
     if lcpp is not None:
         t = timed(lambda: [llamacpp_decode_tps(lcpp, p, 128) for p in prompts])
         res["batch32"]["llama.cpp (sequential)"] = round(32 * 128 / t, 1)

@@ -81,7 +81,7 @@ for flt in ("strict-match", "flexible-extract"):
     summary[flt] = {"nanoseek": a, "nanoseek_stderr": a_se, "lm_eval": b, "lm_eval_stderr": b_se, "agree_2se": agree}
     rows.append(f"| GSM8K {fmt} {flt} | {100 * a:.2f} ± {100 * a_se:.2f} | {100 * b:.2f} ± {100 * b_se:.2f} | "
                 f"{'yes' if agree else 'NO'} |")
-summary["gsm8k_docs"] = ns["data"].get("count")
+summary["gsm8k_docs"] = ns["data"]["num_problems"]
 summary["wall_s"] = {"nanoseek_gsm8k": round(t1 - t0, 1), "lm_eval_gsm8k": round(t2 - t1, 1), "nanoseek_humaneval": round(t3 - t2, 1)}
 summary["humaneval_pass@1"] = he["scores"]["pass@1"]
 md = ["| metric | nanoseek eval | lm-eval local-completions | within 2 s.e. |", "|---|---|---|---|", *rows,

@@ -20,9 +20,9 @@ RATE=${RATE:-2}
 mkdir -p "$OUT"
 COMMON=(--endpoint completions --num-requests "$NREQ" --input-len 32 --output-len 32 --ignore-eos --warmup 2)
 
-wait_up() {  # port pid log
+wait_up() {  # port pid log path (nanoseek: /health, 503 until the model is loaded)
   for _ in $(seq 180); do
-    curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0
+    curl -sf "http://127.0.0.1:$1$4" >/dev/null && return 0
     kill -0 "$2" 2>/dev/null || break
     sleep 1
   done
@@ -43,16 +43,19 @@ for prec in ${PRECISIONS//,/ }; do
     --port 6106 > "/tmp/ns_serve_$prec.log" 2>&1 &
   NS=$!
   trap 'kill $NS 2>/dev/null || true' EXIT
-  wait_up 6106 $NS "/tmp/ns_serve_$prec.log"
+  wait_up 6106 $NS "/tmp/ns_serve_$prec.log" /health
   measure "nanoseek_$prec" 6106
   kill $NS; wait $NS 2>/dev/null || true
   names+=("nanoseek_$prec")
 done
 
-python -m llama_cpp.server --model "$GGUF" --port 6107 --n_threads "$THREADS" --n_ctx 2048 > /tmp/lc_serve.log 2>&1 &
+# interrupt_requests off: by default llama-cpp-python's server cuts a running generation short
+# when another request arrives, which would make its concurrency-8 answers 1-3 tokens long
+python -m llama_cpp.server --model "$GGUF" --port 6107 --n_threads "$THREADS" --n_ctx 2048 \
+  --interrupt_requests False > /tmp/lc_serve.log 2>&1 &
 LC=$!
 trap 'kill $LC 2>/dev/null || true' EXIT
-wait_up 6107 $LC /tmp/lc_serve.log
+wait_up 6107 $LC /tmp/lc_serve.log /v1/models
 measure llamacpp 6107
 kill $LC; wait $LC 2>/dev/null || true
 names+=(llamacpp)
