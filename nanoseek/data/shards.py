@@ -443,12 +443,14 @@ def render_chat(messages: list[dict], tok) -> tuple[list[int], list[int]]:
     """ChatML ids for a conversation and a loss mask that is 1 on assistant tokens only.
 
     Layout (as the tokenizer's chat template): BOS, then per message
-    <|im_start|>{role}\\n{content}<|im_end|>\\n. The mask covers an assistant message's
-    content and its closing <|im_end|> (so the model learns to stop), never the headers.
+    <|im_start|>{role}\\n{content}<|im_end|>\\n. A tokenizer whose BOS *is* <|im_start|>
+    (SmolLM2) gets no separate BOS: its template starts with the first message's own.
+    The mask covers an assistant message's content and its closing <|im_end|> (so the model
+    learns to stop), never the headers.
     """
     bos, im_start, im_end = _bos_id(tok), _required_id(tok, IM_START), _required_id(tok, IM_END)
     newline = _encode(tok, "\n")
-    ids, mask = [bos], [0]
+    ids, mask = ([bos], [0]) if bos != im_start else ([], [])
     for msg in messages:
         header, body = _split_header(tok, msg["role"], msg["content"])
         train = int(msg["role"] == "assistant")
