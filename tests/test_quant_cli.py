@@ -14,12 +14,7 @@ from nanoseek.quant.layers import Fp8Linear
 from tests.tiny_models import make_deepseek_v3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
 
 
 def quantize(*argv) -> str:

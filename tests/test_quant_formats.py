@@ -9,14 +9,7 @@ from nanoseek.quant import int8
 from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only adds synchronisation, which on a busy 2-core
-    machine costs 100x (a 12-token generation: 0.1 s on one thread, 12 s on two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
 
 
 def weights(n, k, seed=0):

@@ -26,14 +26,7 @@ LOGIT_TOL = {"int8": 0.03, "int8-dynamic": 0.03, "fp8": 0.07}
 MAKERS = {"llama": make_llama, "qwen2-tied": make_qwen2, "deepseek_v3": make_deepseek_v3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only adds synchronisation, which on a busy 2-core
-    machine costs 100x (a 12-token generation: 0.1 s on one thread, 12 s on two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,7 @@ LOADERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
 
 
 @pytest.fixture(scope="module")
