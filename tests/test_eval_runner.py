@@ -428,7 +428,7 @@ def test_cli_rejects_bad_input(tmp_path, gsm8k_files, monkeypatch):
         (base + ["--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
         (base + ["--temperature", "-1"], "--temperature must be >= 0"),
         (["eval", "gsm8k", "--model", "m", "--data", str(tmp_path / "none.jsonl")], "no such file"),
-        (["eval", "gsm8k", "--data", str(test)], "--model is required"),
+        (["eval", "gsm8k", "--base-url", "http://127.0.0.1:9", "--data", str(test)], "--model is required with --base-url"),
         (["eval", "humaneval", "--samples", "x.jsonl", "-k", "1,zero"], "-k must be"),
         (["eval", "humaneval", "--samples", "x.jsonl", "--workers", "0"], "--workers must be"),
     ]

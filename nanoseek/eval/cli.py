@@ -142,7 +142,8 @@ def _add_model_args(parser) -> None:
                         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", metavar="NAME|PATH",
                         help="model name on the server; without --base-url, a checkpoint "
-                             "(GGUF file, HF directory or repo id) run in-process")
+                             "(GGUF file, HF directory or repo id) run in-process (default: "
+                             "the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--api-key", help="bearer token for the server "
                                           "(default: $OPENAI_API_KEY if set)")
     parser.add_argument("--concurrency", type=int, default=8,
@@ -264,10 +265,10 @@ def cmd_compare(args) -> int:
 
 
 def make_generator(args):
-    """OpenAIGenerator for --base-url, else the in-process engine for --model PATH."""
-    if not args.model:
-        raise NanoseekError("--model is required (a server's model name with --base-url, "
-                            "or a checkpoint path)")
+    """OpenAIGenerator for --base-url, else the in-process engine for --model PATH (default:
+    the embedded model, as everywhere else in nanoseek)."""
+    if args.base_url and not args.model:
+        raise NanoseekError("--model is required with --base-url (the model name the server serves)")
     if args.base_url:
         if args.concurrency < 1:
             raise NanoseekError(f"--concurrency must be >= 1, got {args.concurrency}")
