@@ -2,12 +2,7 @@
 `nanoseek serve` process of a tiny model, the memory split, compare, and one-line flag errors."""
 
 import json
-import os
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 from torch import nn
 
@@ -16,7 +11,7 @@ from nanoseek.eval import perf, runner
 from nanoseek.eval.inprocess import weights_bytes
 from nanoseek.model.transformer import Transformer
 from tests.fixtures import TINY, write_tiny_gguf
-from tests.test_serve_helpers import LAUNCHER, ROOT, free_port, tiny_config
+from tests.test_serve_helpers import ServerProcess, free_port, tiny_config
 
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -135,30 +130,12 @@ def test_weights_bytes_counts_a_tied_tensor_once():
 @pytest.fixture(scope="module")
 def serve_process(tmp_path_factory):
     """The real `nanoseek serve` CLI in a child process, serving a tiny random model as "tiny"."""
-    tmp = tmp_path_factory.mktemp("serve")
-    script = tmp / "launch_serve.py"
-    script.write_text(LAUNCHER)
-    port = free_port()
-    log = tmp / "server.log"
-    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--served-model-name", "tiny",
-                             "--kv-cache-gib", "0.02"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, SERVE_TEST_ROOT=str(ROOT)))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    server = ServerProcess(tmp_path_factory.mktemp("serve"), ["--served-model-name", "tiny", "--kv-cache-gib", "0.02"])
     try:
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not healthy:\n{log.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield url, proc.pid
+        server.health_history(timeout=120)
+        yield server.url, server.proc.pid
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 def test_endpoint_run_against_nanoseek_serve(serve_process, tmp_path):

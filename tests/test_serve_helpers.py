@@ -7,15 +7,19 @@
   tests (reasoning tags split across stream chunks, stop strings).
 - LiveServer: uvicorn on a free loopback port in a thread, for real HTTP clients.
 - LAUNCHER: a script running the real `nanoseek serve` CLI in a child process with the
-  tiny model, for tests that need a process of its own (signals, RSS).
+  tiny model, for tests that need a process of its own (signals, RSS); ServerProcess runs it.
 """
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 from torch import nn
 
@@ -188,3 +192,41 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return pred()
+
+
+class ServerProcess:
+    def __init__(self, tmp_path: Path, args: list[str], **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = tmp_path / "launch_serve.py"
+        script.write_text(LAUNCHER)
+        self.log = tmp_path / "server.log"
+        full_env = dict(os.environ, SERVE_TEST_ROOT=str(ROOT), **{k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen([sys.executable, str(script), "--port", str(self.port), *args],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=full_env)
+
+    def health_history(self, timeout: float = 60) -> list:
+        """Poll /health until 200; every status seen along the way."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()}"
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                seen.append((r.status_code, r.json().get("status")))
+                if r.status_code == 200:
+                    return seen
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not healthy after {timeout}s:\n{self.log.read_text()}")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
