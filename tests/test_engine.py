@@ -84,6 +84,24 @@ def test_prefix_cache_hits_are_counted_and_exact(model):
     assert llm.engine.blocks.hit_tokens >= 3 * 40
 
 
+def test_shared_prefix_decodes_once_for_all_and_exactly(model, monkeypatch):
+    """Cascade decode: 12 requests sharing a 40-token prefix (cached blocks) attend it once per
+    step for all of them; every greedy output equals the reference."""
+    import nanoseek.engine.paged_attention as pa
+    monkeypatch.setattr(pa, "CASCADE_MIN", 16)
+    used = []
+    real = pa.attend_rows
+    monkeypatch.setattr(pa, "attend_rows", lambda *a, **k: used.append(k.get("shared") is not None) or real(*a, **k))
+    prefix = prompts(1, seed=11, lo=40, hi=41)[0]
+    ps = [prefix + tail for tail in prompts(12, seed=12, lo=2, hi=9)]
+    llm = LLM(model, block_size=4, max_batch_tokens=512)
+    llm.generate([prefix], SamplingParams(temperature=0, max_tokens=1))  # fills the prefix cache
+    outs = llm.generate(ps, GREEDY)
+    assert any(used), "the shared-prefix path never ran"
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == reference_greedy(model, p, 16)
+
+
 def test_small_kv_budget_preempts_and_completes_64(model):
     ps = prompts(64, seed=6)
     ref = LLM(model, block_size=4).generate(ps, GREEDY)

@@ -31,6 +31,9 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 # below this many decoding sequences SDPA's fused kernel (one call per step) beats two bmms
 FEW_SEQS = 8
+# a prefix all decoding sequences share is attended once for all of them from this many tokens
+# (cascade attention, as vLLM's): below it, reading it per sequence costs less than the extra ops
+CASCADE_MIN = 256
 
 
 class PagedKVCache:
@@ -75,7 +78,17 @@ class PagedAttention:
             lens = self.decode_lens = torch.tensor(decode_lens)
             self.decode_valid = torch.arange(width * bs)[None, :] < lens[:, None]   # [B, L]: not padding
             self.decode_rows = torch.tensor(self.decode_rows)
-            self.decode_flat = self.decode_tables.flatten()  # index_select is much cheaper than [tables]
+            # blocks every decoding sequence shares at the start of its table (a common prompt
+            # prefix, from the prefix cache), before the block its new token goes to
+            shared, limit = 0, min((n - 1) // bs for n in decode_lens)
+            while shared < limit and all(t[shared] == decode_tables[0][shared] for t in decode_tables):
+                shared += 1
+            self.shared = shared if len(decode_tables) >= FEW_SEQS and shared * bs >= CASCADE_MIN else 0
+            if self.shared:
+                self.shared_blocks = self.decode_tables[0, :self.shared]
+                self.decode_valid = self.decode_valid[:, self.shared * bs:]
+            # index_select is much cheaper than [tables]
+            self.decode_flat = self.decode_tables[:, self.shared:].flatten()
         self.all_decode = not self.prefills  # then decode rows are exactly 0..N-1: no gather/scatter of q/out
 
     def attend(self, layer, q, k, v, scale, v_dim, index=None):
@@ -107,7 +120,12 @@ class PagedAttention:
                 # many sequences: SDPA with a mask runs its math path per sequence (10x slower at
                 # 32); two bmms over each sequence's rows of [Hkv * D] serve them all at once
                 Kf = K.flatten(2)
-                o = attend_rows(qd, Kf, Kf if vc is None else V.flatten(2), self.decode_valid, scale, v_dim, Hkv)
+                shared = None
+                if self.shared:  # the shared prefix once for all sequences, not once per sequence
+                    Ks = kc.index_select(0, self.shared_blocks).flatten(0, 1)                 # [Ls, Hkv, Dk]
+                    shared = (Ks, None if vc is None else vc.index_select(0, self.shared_blocks).flatten(0, 1))
+                o = attend_rows(qd, Kf, Kf if vc is None else V.flatten(2), self.decode_valid, scale, v_dim, Hkv,
+                                shared=shared)
             if self.all_decode:
                 return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)

@@ -51,7 +51,7 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     return out
 
 
-def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None):
+def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None, shared=None):
     """Each of C queries attends over its own n gathered keys, all in two bmms.
 
     q [C, H, Dk]; Kg [C, n, Hkv*Dk] (one row per key: all its heads); Vg [C, n, Hkv*Dv], or Kg
@@ -60,9 +60,12 @@ def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None):
     GQA: each query head is spread over its group's slice of the row (zeros elsewhere), so one
     bmm per query serves every head straight from the gathered rows: Hkv x the exact product's
     flops, which are cheap here, instead of per-head copies of K and V.
+    shared = (Ks [Ls, Hkv, Dk], Vs [Ls, Hkv, Dv] or None): keys every query sees before its own
+    rows (a prompt prefix the sequences share), read once for all of them; one softmax spans both.
     """
     C, H, Dk = q.shape
     Hkv, g = n_kv_heads, H // n_kv_heads
+    q_heads = q
     if Hkv > 1:
         if spread is None:
             spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)   # [H, Hkv]
@@ -72,12 +75,27 @@ def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None):
     s = torch.bmm(Kg, q.transpose(1, 2).contiguous()).transpose(1, 2).float().mul_(scale).contiguous()
     if valid is not None:
         s.masked_fill_(~valid[:, None, :], float("-inf"))
-    o = torch.bmm(s.softmax(-1).to(Kg.dtype), Vg)                                     # [C, H, Hkv*Dv']
+    if shared is not None:  # the shared keys per KV head, all C*g query rows at once
+        Ks, Vs = shared
+        Ls = Ks.shape[0]
+        Kh = Ks.transpose(0, 1).contiguous()                                          # [Hkv, Ls, Dk]
+        qh = q_heads.view(C, Hkv, g, Dk).transpose(0, 1).reshape(Hkv, C * g, Dk)
+        ss = torch.bmm(qh, Kh.transpose(1, 2)).view(Hkv, C, g, Ls).transpose(0, 1).reshape(C, H, Ls)
+        s = torch.cat([ss.float().mul_(scale), s], dim=-1)
+    p = s.softmax(-1).to(Kg.dtype)
+    if shared is not None:
+        ps, p = p[..., :Ls], p[..., Ls:].contiguous()
+    o = torch.bmm(p, Vg)                                                               # [C, H, Hkv*Dv']
     if Vg is Kg and o.shape[-1] != v_dim * Hkv:
         o = o[..., :v_dim]
     if Hkv > 1:  # keep each head's own group slice
         o = o.view(C, Hkv, g, Hkv, v_dim).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    return o.reshape(C, H, v_dim)
+    o = o.reshape(C, H, v_dim)
+    if shared is not None:
+        Vh = Kh[..., :v_dim] if Vs is None else Vs.transpose(0, 1)                      # [Hkv, Ls, Dv]
+        os_ = torch.bmm(ps.reshape(C, Hkv, g, Ls).transpose(0, 1).reshape(Hkv, C * g, Ls), Vh)
+        o = o + os_.view(Hkv, C, g, v_dim).transpose(0, 1).reshape(C, H, v_dim)
+    return o
 
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
