@@ -5,6 +5,7 @@ fetched with pip alone, from any machine that reaches PyPI.
 """
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -210,3 +211,12 @@ def write_tiny_gguf(path: str, arch: str = "llama", qtype=None, tied: bool = Fal
     writer.write_tensors_to_file()
     writer.close()
     return weights
+
+
+def load_bench(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,19 @@
 """bench/quant.py end to end at toy sizes: the speedrun mode (held-out perplexity and the
 speedrun's own held-out accuracy) with a GSM8K column, its files, and bad input."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from tests.test_serve_helpers import ROOT
+from tests.fixtures import load_bench
 
-BENCH = ROOT / "bench" / "quant.py"
 PRECISIONS = ["fp32", "bf16", "int8", "int8-dynamic", "fp8"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quant_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("quant")
 
 
 @pytest.fixture(scope="module")

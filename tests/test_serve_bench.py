@@ -1,7 +1,6 @@
 """bench/serve_load.py against a live server: both load modes, the JSON report and the plot,
 and --start-server with a custom server command."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,17 +9,14 @@ import pytest
 
 from nanoseek.engine import Engine
 from nanoseek.serve import create_app
+from tests.fixtures import load_bench
 from tests.test_serve_helpers import LAUNCHER, ROOT, CharTokenizer, LiveServer, tiny_model
 
-BENCH = ROOT / "bench" / "serve_load.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("serve_load")
 
 
 def check_run(run, n):
