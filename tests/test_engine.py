@@ -134,6 +134,12 @@ def test_generate_iter_yields_as_requests_finish_and_an_abandoned_one_frees_bloc
     next(it)
     it.close()  # a caller that stops listening (an exception, Ctrl-C) must not leave blocks held
     assert llm.engine.blocks.num_used == 0 and not llm.engine.has_unfinished()
+    # max_in_flight: never more than that many in the engine, topped up as each one finishes
+    in_engine, step = [], llm.engine.step
+    llm.engine.step = lambda: in_engine.append(len(llm.engine.requests)) or step()
+    outs = dict(llm.generate_iter(ps, params, max_in_flight=2))
+    assert sorted(outs) == list(range(6)) and max(in_engine) == 2 and in_engine.count(2) > len(in_engine) // 2
+    assert [outs[i].outputs[0].token_ids for i in range(6)] == [o.outputs[0].token_ids for o in llm.generate(ps, params)]
 
 
 def test_seeded_sampling_reproducible_whatever_the_batch(model):

@@ -43,24 +43,27 @@ class LLM:
                 bar.update(1)
         return done
 
-    def generate_iter(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
-        """Yield (index into prompts, RequestOutput) as each request finishes, all of them
-        running together: a caller that wants progress never holds the batch back."""
+    def generate_iter(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                      max_in_flight: int | None = None):
+        """Yield (index into prompts, RequestOutput) as each request finishes. At most
+        `max_in_flight` requests are in the engine at once (None: all), topped up as each one
+        finishes, so the batch never waits for its slowest member and a long list of
+        long generations does not overrun the KV pool into preemption churn."""
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        index = {rid: i for i, rid in enumerate(ids)}
-        finished = set()
+        limit = len(prompts) if max_in_flight is None else max(1, max_in_flight)
+        index, pending = {}, list(zip(range(len(prompts)), prompts, plist))[::-1]
         try:
-            while self.engine.has_unfinished():
+            while pending or self.engine.has_unfinished():
+                while pending and len(index) < limit:
+                    i, p, sp = pending.pop()
+                    index[self.engine.add_request(p, sp)] = i
                 for out in self.engine.step():
                     if out.finished:
-                        finished.add(out.request_id)
-                        yield index[out.request_id], out
+                        yield index.pop(out.request_id), out
         finally:
-            for rid in ids:  # an exception, Ctrl-C or an abandoned iterator must not leave blocks held
-                if rid not in finished:
-                    self.engine.abort(rid)
+            for rid in list(index):  # an exception, Ctrl-C or an abandoned iterator must not leave blocks held
+                self.engine.abort(rid)
 
     def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[RequestOutput]:
         """messages: one conversation (list of {role, content}) or a list of them."""

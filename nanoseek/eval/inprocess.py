@@ -17,8 +17,12 @@ from nanoseek.sampling import SamplingParams
 
 
 class EngineGenerator:
-    def __init__(self, llm: LLM, name: str):
-        self.llm, self.model = llm, name
+    # requests in the engine at once, topped up as each finishes (what an HTTP client's
+    # concurrency would be): enough to fill a batch, few enough that the KV pool holds them
+    MAX_IN_FLIGHT = 64
+
+    def __init__(self, llm: LLM, name: str, max_in_flight: int = MAX_IN_FLIGHT):
+        self.llm, self.model, self.max_in_flight = llm, name, max_in_flight
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
         outs = [None] * len(requests)
@@ -27,12 +31,12 @@ class EngineGenerator:
         return outs
 
     def generate_iter(self, requests: list[GenRequest]):
-        """(index, texts) as each request finishes; the engine runs them all together."""
+        """(index, texts) as each request finishes; the engine keeps max_in_flight of them going."""
         tok = self.llm.tokenizer
         prompts = [tok.apply_chat_template(r.messages) if r.messages is not None else r.prompt for r in requests]
         params = [SamplingParams(n=r.n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                                  stop=list(r.stop), seed=r.seed) for r in requests]
-        for i, out in self.llm.generate_iter(prompts, params):
+        for i, out in self.llm.generate_iter(prompts, params, max_in_flight=self.max_in_flight):
             yield i, [c.text for c in out.outputs]
 
 
