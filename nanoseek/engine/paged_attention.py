@@ -80,10 +80,10 @@ class PagedAttention:
             self.decode_rows = torch.tensor(self.decode_rows)
             # blocks every decoding sequence shares at the start of its table (a common prompt
             # prefix, from the prefix cache), before the block its new token goes to
-            shared, limit = 0, min((n - 1) // bs for n in decode_lens)
+            shared, limit = 0, min((n - 1) // bs for n in decode_lens) if len(decode_tables) >= FEW_SEQS else 0
             while shared < limit and all(t[shared] == decode_tables[0][shared] for t in decode_tables):
                 shared += 1
-            self.shared = shared if len(decode_tables) >= FEW_SEQS and shared * bs >= CASCADE_MIN else 0
+            self.shared = shared if shared * bs >= CASCADE_MIN else 0
             if self.shared:
                 self.shared_blocks = self.decode_tables[0, :self.shared]
                 self.decode_valid = self.decode_valid[:, self.shared * bs:]
