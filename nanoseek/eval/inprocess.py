@@ -1,6 +1,6 @@
 """The in-process backends for evals: requests go straight into nanoseek's engine.
 
-`EngineGenerator` (GSM8K, HumanEval) calls `LLM.generate`; `EngineStreamer` (`nanoseek eval
+`EngineGenerator` (GSM8K, HumanEval) streams through `LLM.generate_iter`; `EngineStreamer` (`nanoseek eval
 perf`) streams every request through `AsyncLLM`, timing each token as it arrives.
 """
 
