@@ -67,6 +67,9 @@ class ModelConfig:
     index_head_dim: int = 64
     index_topk: int = 2048
     index_layers: list[int] | None = None  # layers with an indexer; None = all (when index_n_heads > 0)
+    # selection granularity: 1 = single keys (DSA as published); b > 1 = blocks of b consecutive
+    # keys scored by their mean indexer key (the CPU-fast form, see nanoseek/model/indexer.py)
+    index_block_size: int = 1
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -76,6 +79,8 @@ class ModelConfig:
             (self.arch in ("llama", "qwen2", "deepseek_v3"), "arch", f"unknown arch {self.arch!r}"),
             (self.attn_type in ("gqa", "mla"), "attn_type", f"must be gqa or mla, got {self.attn_type!r}"),
             (self.score_func in ("softmax", "sigmoid"), "score_func", f"must be softmax or sigmoid, got {self.score_func!r}"),
+            (self.index_block_size >= 1 and self.index_topk % self.index_block_size == 0, "index_block_size",
+             f"{self.index_block_size} must be >= 1 and divide index_topk={self.index_topk}"),
             (self.n_heads % max(self.n_kv_heads, 1) == 0, "n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}"),
             (self.n_routed_experts == 0 or self.n_routed_experts % self.n_group == 0, "n_group",
              f"{self.n_group} does not divide n_routed_experts={self.n_routed_experts}"),
@@ -186,7 +191,8 @@ class ModelConfig:
         )
         if hf.get("index_n_heads"):  # DeepSeek-V3.2's sparse attention (any arch, when we wrote it)
             common.update(index_n_heads=hf["index_n_heads"], index_head_dim=hf.get("index_head_dim", 64),
-                          index_topk=hf.get("index_topk", 2048), index_layers=hf.get("index_layers"))
+                          index_topk=hf.get("index_topk", 2048), index_layers=hf.get("index_layers"),
+                          index_block_size=hf.get("index_block_size", 1))
         if hf.get("hidden_act", "silu") != "silu":
             raise NanoseekError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
         if arch in ("llama", "qwen2"):
@@ -226,7 +232,8 @@ class ModelConfig:
             hf["rope_scaling"] = dict(rope)
         if self.index_n_heads:
             hf.update(index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
-                      index_topk=self.index_topk, index_layers=self.index_layers)
+                      index_topk=self.index_topk, index_layers=self.index_layers,
+                      index_block_size=self.index_block_size)
         if self.arch in ("llama", "qwen2"):
             if self.attn_type != "gqa" or self.is_moe:
                 raise NanoseekError(f"a {self.arch} checkpoint must be dense GQA; save with arch='deepseek_v3'")

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from nanoseek.checkpoint.hf import load_hf
 from nanoseek.config import ModelConfig
 from nanoseek.engine import LLM
-from nanoseek.model.indexer import add_indexers, index_scores, select_topk
+from nanoseek.model.indexer import (add_indexers, block_positions, index_scores, recency_bias, select_blocks,
+                                    select_topk)
 from nanoseek.model.kv_cache import DenseKVCache
-from nanoseek.model.sparse_attention import sparse_attention
+from nanoseek.model.sparse_attention import attend_blocks, sparse_attention
 from nanoseek.model.transformer import Transformer
 from nanoseek.sampling import SamplingParams
 
@@ -27,9 +28,10 @@ CONFIGS = {
 }
 
 
-def dense_and_sparse(name, topk=8, layers=None):
+def dense_and_sparse(name, topk=8, layers=None, block=1):
     dense = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0).eval()
-    sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1)
+    sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1,
+                          block_size=block)
     return dense, sparse
 
 
@@ -45,9 +47,10 @@ def cached_forward(model, x, cuts):
     return torch.cat(parts, 1)
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_k_at_least_length_is_exactly_dense(name):
-    dense, sparse = dense_and_sparse(name, topk=48)
+def test_k_at_least_length_is_exactly_dense(name, block):
+    dense, sparse = dense_and_sparse(name, topk=48, block=block)
     x = ids(2, 48)
     with torch.no_grad():
         assert torch.equal(sparse(x), dense(x))
@@ -95,9 +98,10 @@ def test_selection_is_causal_keeps_own_position_and_is_the_top_k():
         assert sorted(idx[t][valid[t]].tolist()) == list(range(t + 1))
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_future_tokens_never_change_earlier_outputs(name):
-    _, sparse = dense_and_sparse(name)
+def test_future_tokens_never_change_earlier_outputs(name, block):
+    _, sparse = dense_and_sparse(name, block=block)
     x = ids(1, 40)
     y = x.clone()
     y[0, 25:] = (y[0, 25:] + 7) % VOCAB
@@ -105,9 +109,10 @@ def test_future_tokens_never_change_earlier_outputs(name):
         assert (sparse(x)[:, :25] - sparse(y)[:, :25]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_chunked_prefill_and_decode_equal_one_shot(name):
-    _, sparse = dense_and_sparse(name)
+def test_chunked_prefill_and_decode_equal_one_shot(name, block):
+    _, sparse = dense_and_sparse(name, block=block)
     x = ids(2, 40, seed=1)
     with torch.no_grad():
         one = sparse(x)
@@ -115,9 +120,10 @@ def test_chunked_prefill_and_decode_equal_one_shot(name):
     assert (chunked - one).abs().max().item() < 1e-4
 
 
-def test_main_attention_is_never_dense_when_sparse(monkeypatch):
+@pytest.mark.parametrize("block", [1, 4])
+def test_main_attention_is_never_dense_when_sparse(monkeypatch, block):
     """The sparse path gathers the selected keys: no SDPA over the whole context anywhere."""
-    _, sparse = dense_and_sparse("gqa")
+    _, sparse = dense_and_sparse("gqa", block=block)
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -133,9 +139,10 @@ def test_only_listed_layers_get_an_indexer():
     assert sparse.layers[0].self_attn.indexer is None and sparse.layers[1].self_attn.indexer is not None
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("name", ["gqa", "mla-qlora"])
-def test_engine_paged_sparse_equals_dense_cache_reference(name):
-    _, sparse = dense_and_sparse(name)
+def test_engine_paged_sparse_equals_dense_cache_reference(name, block):
+    _, sparse = dense_and_sparse(name, block=block)
     ps = [ids(1, n, seed=10 + n)[0].tolist() for n in (45, 9, 30, 60)]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
 
@@ -160,10 +167,11 @@ def test_engine_paged_sparse_equals_dense_cache_reference(name):
 
 
 def test_converted_model_saves_and_loads(tmp_path):
-    _, sparse = dense_and_sparse("mla-qlora", layers=[0])
+    _, sparse = dense_and_sparse("mla-qlora", layers=[0], block=4)
     sparse.save(tmp_path)
     again = load_hf(tmp_path)
     assert again.config.index_n_heads == 2 and again.config.index_layers == [0]
+    assert again.config.index_block_size == 4
     x = ids(1, 30)
     with torch.no_grad():
         assert torch.equal(again(x), sparse(x))
@@ -177,12 +185,57 @@ def test_dense_config_export_unchanged():
     assert (back.index_n_heads, back.index_head_dim, back.index_topk, back.index_layers) == (4, 64, 256, None)
 
 
-def test_blocked_selection_equals_one_block(monkeypatch):
+@pytest.mark.parametrize("block", [1, 4])
+def test_blocked_selection_equals_one_block(monkeypatch, block):
     """Long prefills select and attend SELECT_BLOCK queries at a time; the result is the same."""
     import nanoseek.model.sparse_attention as sa
-    _, sparse = dense_and_sparse("mla-qlora")
+    _, sparse = dense_and_sparse("mla-qlora", block=block)
     x = ids(1, 40, seed=5)
     with torch.no_grad():
         one = sparse(x)
         monkeypatch.setattr(sa, "SELECT_BLOCK", 7)
         assert (sparse(x) - one).abs().max().item() < 1e-5
+
+
+def test_block_selection_is_causal_keeps_own_block_and_is_the_top_blocks():
+    g = torch.Generator().manual_seed(0)
+    T, start, topk, bs = 30, 11, 12, 4
+    L = start + T
+    q, w, K = torch.randn(T, 3, 16, generator=g), torch.randn(T, 3, generator=g), torch.randn(L, 16, generator=g)
+    sel = select_blocks(q, w, K, start, topk, bs)
+    m = topk // bs
+    for t in range(T):
+        pos = start + t
+        own = pos // bs
+        chosen = sel[t][sel[t] >= 0].tolist()
+        assert chosen[0] == own and len(chosen) == min(m, own + 1) and max(chosen) == own
+        # the rest: the best earlier blocks by the indexer's score of each block's mean key
+        # (ReLU's exact-zero ties go to the later block)
+        means = K[:own * bs].view(own, bs, -1).mean(1)
+        scores = index_scores(q[t:t + 1], w[t:t + 1], means, recency_bias(own, torch.float32))[0]
+        best = scores.topk(min(m - 1, own)).indices.tolist()
+        assert set(chosen[1:]) == set(best)
+    idx, valid = block_positions(sel, bs, torch.arange(start, L))
+    assert (idx[valid] <= torch.arange(start, L)[:, None].expand_as(idx)[valid]).all()
+    # every query sees its own position and the whole of its own block's past
+    for t in range(T):
+        seen = set(idx[t][valid[t]].tolist())
+        assert set(range((start + t) // bs * bs, start + t + 1)) <= seen
+
+
+def test_block_attention_over_chosen_blocks_matches_masked_dense():
+    """attend_blocks (a tile of queries over the union of their blocks) equals each query's own
+    dense softmax over exactly the keys its blocks hold."""
+    g = torch.Generator().manual_seed(0)
+    T, H, Hkv, D, bs = 37, 6, 2, 16, 4
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, 12, generator=g)
+    iq, iw, IK = torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, generator=g), torch.randn(T, 8, generator=g)
+    sel = select_blocks(iq, iw, IK, 0, 12, bs)
+    out = attend_blocks(q, k, v, 0.3, 12, sel, 0, bs)
+    idx, valid = block_positions(sel, bs, torch.arange(T))
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        mask[t, idx[t][valid[t]]] = True
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=0.3, enable_gqa=True).transpose(0, 1)
+    assert mask.sum(1).max() < T and (out - ref).abs().max().item() < 1e-5

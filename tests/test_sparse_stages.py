@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 
 from nanoseek.model.indexer import indexer_parameters
@@ -20,8 +21,9 @@ def split(model):
     return [p for p in model.parameters() if id(p) in ix], [p for p in model.parameters() if id(p) not in ix]
 
 
-def test_warmup_trains_only_the_indexer_and_lowers_the_kl():
-    dense, model = dense_and_sparse("gqa", topk=8)
+@pytest.mark.parametrize("block", [1, 4])
+def test_warmup_trains_only_the_indexer_and_lowers_the_kl(block):
+    dense, model = dense_and_sparse("gqa", topk=8, block=block)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hist = indexer_warmup(model, batches(), steps=15, lr=2e-2, warmup_steps=2)
     assert hist[-1] < 0.8 * hist[0]
@@ -48,8 +50,10 @@ def test_warmup_gradients_reach_the_indexer_only():
     set_stage(model, None)
 
 
-def test_sparse_stage_lm_loss_never_reaches_the_indexer():
-    _, model = dense_and_sparse("gqa", topk=8)
+@pytest.mark.parametrize("block", [1, 4])
+def test_sparse_stage_lm_loss_never_reaches_the_indexer(block):
+    # blocks: 3 per query, so that the KL over the two chosen earlier blocks is not trivially 0
+    _, model = dense_and_sparse("gqa", topk=8 if block == 1 else 12, block=block)
     set_stage(model, "sparse")
     x = ids(2, 40)
     logits = model(x)  # the indexers' KL (over the selected keys) is backpropagated here
@@ -96,12 +100,43 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
     p = argparse.ArgumentParser()
     add_stage_args(p)
     common = ["--data", str(tmp_path / "shards"), "--steps", "2", "--seq-len", "24", "--index-topk", "8",
-              "--index-head-dim", "16", "--index-heads", "2"]
+              "--index-head-dim", "16", "--index-heads", "2", "--index-block-size", "4"]
     run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "dense"),
                             "--out", str(tmp_path / "warm")] + common), log=lambda s: None)
     run_stage(p.parse_args(["--stage", "sparse", "--model", str(tmp_path / "warm"),
                             "--out", str(tmp_path / "sparse")] + common), log=lambda s: None)
     m = load_hf(tmp_path / "sparse")
-    assert m.config.index_topk == 8 and all(layer.self_attn.indexer is not None for layer in m.layers)
+    assert m.config.index_topk == 8 and m.config.index_block_size == 4 and all(layer.self_attn.indexer is not None for layer in m.layers)
     with torch.no_grad():
         assert torch.isfinite(m(ids(1, 30))).all()
+
+
+def test_kl_every_fits_a_rotating_subset_of_query_chunks():
+    """kl_every=n fits every n-th chunk of queries, another phase each call: over n calls the
+    chunks' gradients add up to one full fit's."""
+    from nanoseek.model import indexer as ixm
+    _, model = dense_and_sparse("gqa", topk=8, block=4)
+    set_stage(model, "indexer-warmup")
+    x = ids(1, 40)
+    old = ixm.QUERY_CHUNK
+    try:
+        ixm.QUERY_CHUNK = 8  # 5 chunks of queries
+        with torch.no_grad():
+            model.hidden_states(x)
+        full = [p.grad.clone() for p in indexer_parameters(model)]
+        for ix in indexers(model):
+            ix.kl_every, ix.kl_calls = 2, 0
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.hidden_states(x)  # chunks 0, 2, 4 (weights 1/24 each), then chunks 1, 3 (1/16)
+        first = [p.grad.clone() for p in indexer_parameters(model)]
+        assert all(not torch.allclose(a, b) for a, b in zip(first, full) if a.ndim == 2)
+        with torch.no_grad():
+            model.hidden_states(x)
+        both = [p.grad for p in indexer_parameters(model)]
+        second = [b - a for a, b in zip(first, both)]
+        recombined = [a * 24 / 40 + b * 16 / 40 for a, b in zip(first, second)]
+        assert all(torch.allclose(r, f, atol=1e-6, rtol=1e-4) for r, f in zip(recombined, full))
+    finally:
+        ixm.QUERY_CHUNK = old
+        set_stage(model, None)

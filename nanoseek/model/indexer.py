@@ -20,6 +20,17 @@ Choices, following DeepSeek-V3.2's inference code unless said otherwise:
     score in the model's dtype (bf16 for bf16 models), with fp32 accumulation in matmuls.
   - The indexer's inputs are detached: it learns only from its own KL loss (see
     fit_indexer and nanoseek/train/sparse_stages.py), the main model only from its LM loss.
+
+Block selection (index_block_size b > 1; our addition, in the spirit of MoBA and NSA's
+selection branch). The keys are cut into blocks of b consecutive positions and the indexer
+scores a block by the mean of its keys, I(t, j) = sum_h w_h * ReLU(q_h(t) . mean_{s in j} k(s)).
+Each query keeps its own block (causally masked inside) and the top k/b - 1 earlier blocks.
+Why: on a CPU the token-level form costs more than it saves. Its n x n scores, the top-k over
+them and k separate key rows gathered per query outweigh dense flash attention up to 64K. With
+blocks, the scores are n x n/b, and neighbouring queries mostly pick the same blocks, so a tile
+of queries gathers their union once and attends to it in two matmuls (sparse_attention.
+attend_blocks). The choice is still made per query: a query's output never depends on later
+tokens, and chunked prefill and decode select exactly what one-shot prefill does.
 """
 
 from contextlib import nullcontext
@@ -47,6 +58,10 @@ class IndexerOutput:
     topk: int
     module: "Indexer"
 
+    @property
+    def block(self) -> int:
+        return self.module.block
+
     def sparse_for(self, n_keys: int) -> bool:
         """Does a query that sees n_keys keys attend sparsely? (False: plain dense attention.)"""
         return not self.module.dense and n_keys > self.topk
@@ -57,6 +72,7 @@ class Indexer(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.block = cfg.index_block_size
         self.rope_dim = min(cfg.rope_dim, self.head_dim // 2)
         pairs, own = cfg.rope_dim // 2, self.rope_dim // 2
         if self.rope_dim < 2 or pairs % own:
@@ -76,6 +92,8 @@ class Indexer(nn.Module):
         self.dense = False  # the main attention stays dense (the warm-up stage)
         self.kl = False     # fit the indexer to the main attention while the model runs forward
         self.last_kl = None  # that KL, averaged over query tokens, for logging
+        self.kl_every = 1    # fit on every n-th chunk of queries only (the dense target is n x n)
+        self.kl_calls = 0    # rotates which chunks those are
 
     def forward(self, x, qr, cos, sin) -> IndexerOutput:
         # cut from the main graph: the indexer learns only from its KL loss
@@ -192,6 +210,58 @@ def select_topk(q, w, K, start: int, topk: int, chunk: int = QUERY_CHUNK):
     return idx, valid
 
 
+def pooled_keys(IK, n_blocks: int, block: int):
+    """The mean indexer key of each of the first n_blocks blocks of IK [>= n_blocks * block, D_I]."""
+    D = IK.shape[-1]
+    return IK[:n_blocks * block].reshape(n_blocks, block, D).float().mean(1).to(IK.dtype)
+
+
+@torch.no_grad()
+def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024):
+    """The selected blocks of T queries at positions start..start+T-1 (index_block_size > 1).
+
+    q [T, H_I, D_I], w [T, H_I], IK [>= start + T, D_I] -> sel [T, topk // block]: block ids,
+    column 0 the query's own block, then the best earlier blocks by I(t, j); -1 where a query
+    has fewer earlier blocks than that (it then sees all of them: dense attention).
+    """
+    T = q.shape[0]
+    m = topk // block
+    own = torch.arange(start, start + T, device=q.device) // block
+    sel = torch.full((T, m), -1, dtype=torch.long, device=q.device)
+    sel[:, 0] = own
+    n_before = int(own[-1])  # complete blocks before the last query's own block
+    if m == 1 or n_before == 0:
+        return sel
+    Kb = pooled_keys(IK, n_before, block)
+    bias = recency_bias(n_before, q.dtype, q.device)
+    cols = torch.arange(n_before, device=q.device)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        s = selection_scores(q[a:b], w[a:b], Kb, bias)                            # [C, n_before]
+        s.masked_fill_(cols[None, :] >= own[a:b, None], float("-inf"))
+        k = min(m - 1, n_before)
+        top = s.topk(k, dim=-1, sorted=False)
+        sel[a:b, 1:1 + k] = top.indices.masked_fill_(top.values == float("-inf"), -1)
+    return sel
+
+
+def block_positions(sel, block: int, pos):
+    """Selected blocks sel [T, m] of queries at positions pos [T] -> the key positions they see,
+    idx [T, m * block], and valid [T, m * block] (False: padding, or later than the query)."""
+    T = sel.shape[0]
+    idx = (sel.clamp(min=0)[:, :, None] * block + torch.arange(block, device=sel.device)).view(T, -1)
+    valid = (sel >= 0).repeat_interleave(block, 1) & (idx <= pos[:, None])
+    return idx, valid
+
+
+def select_keys(q, w, IK, start: int, topk: int, block: int):
+    """(idx, valid) of select_topk for any selection granularity: block ids expanded to keys."""
+    if block == 1:
+        return select_topk(q, w, IK, start, topk)
+    sel = select_blocks(q, w, IK, start, topk, block)
+    return block_positions(sel, block, torch.arange(start, start + q.shape[0], device=q.device))
+
+
 # ---- fitting the indexer to the main attention (DSA's two training stages) ------------------
 
 def _kl_rows(p, logits, mask):
@@ -202,55 +272,109 @@ def _kl_rows(p, logits, mask):
 
 
 @torch.no_grad()
-def attention_target(q, K, scale, first_pos):
-    """Dense main attention of queries q [C, H, D] at first_pos.. over K [first_pos + C, Hkv, D],
-    summed over heads and L1-normalised -> p [C, L] (DSA's warm-up target)."""
+def attention_target(q, K, scale, first_pos, positions=None):
+    """Dense main attention of queries q [C, H, D] at first_pos.. (or at `positions` [C]) over
+    K [L, Hkv, D], summed over heads and L1-normalised -> p [C, L] (DSA's warm-up target)."""
     C, H, D = q.shape
     Hkv = K.shape[1]
     s = torch.einsum("cvgd,lvd->cvgl", q.view(C, Hkv, H // Hkv, D).float(), K.float()) * scale
-    causal = torch.ones(C, K.shape[0], dtype=torch.bool, device=q.device).tril(first_pos)
+    if positions is None:
+        causal = torch.ones(C, K.shape[0], dtype=torch.bool, device=q.device).tril(first_pos)
+    else:
+        causal = torch.arange(K.shape[0], device=q.device)[None, :] <= positions[:, None]
     p = s.masked_fill(~causal[:, None, None], float("-inf")).softmax(-1)
     return p.sum((1, 2)) / H, causal
 
 
-def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int = QUERY_CHUNK):
+def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int | None = None):
     """Train one layer's indexer on this forward: KL(main attention || softmax(I)).
 
     q [B, T, H, D], k [B, T, Hkv, D]: the main attention's queries and keys (no cache).
     selections None: dense warm-up, the target is the full causal attention distribution.
-    selections [(idx, valid)] per batch row: the sparse stage, the target and the indexer's
-    distribution are both restricted to the selected keys.
-    The loss (mean over query tokens) is backpropagated at once, chunk by chunk, into the
-    indexer's weights only: its inputs are detached, so nothing else is touched and no n x n
-    graph is kept. The optimizer step is the caller's.
+    selections per batch row, (idx, valid) of select_topk or sel of select_blocks: the sparse
+    stage, the target and the indexer's distribution are both restricted to the selected keys.
+    With blocks, the target is the attention each earlier block receives (summed over its keys),
+    renormalised over those blocks; the own block is left out of both, as it is always kept.
+    The loss (mean over the query tokens fitted) is backpropagated at once, chunk by chunk,
+    into the indexer's weights only: its inputs are detached, so nothing else is touched and no
+    n x n graph is kept. module.kl_every = n fits every n-th chunk of queries (a different
+    phase each call), n times cheaper: the dense target is the costly part. The optimizer step
+    is the caller's.
     """
     B, T = q.shape[:2]
+    chunk = chunk or QUERY_CHUNK
+    ix = index.module
+    bs, every = ix.block, max(ix.kl_every, 1)
+    phase = ix.kl_calls % every
+    ix.kl_calls += 1
+    starts = [a for i, a in enumerate(range(0, T, chunk)) if i % every == phase]
+    n_fit = B * sum(min(a + chunk, T) - a for a in starts)
     iq, iw, ik = (t.detach().requires_grad_() for t in (index.q, index.w, index.k))
     total = 0.0
     for b in range(B):
-        for a in range(0, T, chunk):
+        for a in starts:
             e = min(a + chunk, T)
-            if selections is None:
-                p, mask = attention_target(q[b, a:e], k[b, :e], scale, a)
-                with torch.enable_grad():
-                    logits = index_scores(iq[b, a:e], iw[b, a:e], ik[b, :e])
-            else:
-                idx, valid = selections[b]
-                idx = idx[a:e]
-                mask = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid[a:e]
-                p = selected_attention_target(q[b, a:e], k[b], idx, mask, scale)
-                with torch.enable_grad():
-                    qh = iq[b, a:e]
-                    kg = ik[b][idx]                                                   # [C, k, D_I]
-                    s = torch.einsum("chd,ckd->chk", qh, kg).relu()
-                    logits = torch.einsum("ch,chk->ck", iw[b, a:e], s)
             with torch.enable_grad():
-                loss = _kl_rows(p, logits, mask) / (B * T)
+                if bs == 1:
+                    p, logits, mask = _token_kl_terms(q[b, a:e], k[b], iq[b, a:e], iw[b, a:e], ik[b], a, scale,
+                                                      None if selections is None else selections[b])
+                else:
+                    terms = _block_kl_terms(q[b, a:e], k[b], iq[b, a:e], iw[b, a:e], ik[b], a, scale, bs,
+                                            None if selections is None else selections[b][a:e])
+                    if terms is None:  # no query here has an earlier block to choose
+                        continue
+                    p, logits, mask = terms
+                loss = _kl_rows(p, logits, mask) / n_fit
                 loss.backward()
             total += loss.item()
     torch.autograd.backward([index.q, index.w, index.k], [iq.grad, iw.grad, ik.grad])
     index.module.last_kl = total
     return total
+
+
+def _token_kl_terms(q, K, iq, iw, IK, first_pos, scale, selection):
+    """Target p, indexer logits and mask over single keys, for queries at first_pos.."""
+    e = first_pos + q.shape[0]
+    if selection is None:
+        p, mask = attention_target(q, K[:e], scale, first_pos)
+        return p, index_scores(iq, iw, IK[:e]), mask
+    idx, valid = selection
+    idx = idx[first_pos:e]
+    mask = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid[first_pos:e]
+    p = selected_attention_target(q, K, idx, mask, scale)
+    s = torch.einsum("chd,ckd->chk", iq, IK[idx]).relu()
+    return p, torch.einsum("ch,chk->ck", iw, s), mask
+
+
+def _block_kl_terms(q, K, iq, iw, IK, first_pos, scale, bs, sel):
+    """The same over earlier blocks (own block excluded); None when no query has one."""
+    C = q.shape[0]
+    e = first_pos + C
+    own = torch.arange(first_pos, e, device=q.device) // bs
+    rows = own > 0
+    if not rows.any():
+        return None
+    q, iq, iw, own = q[rows], iq[rows], iw[rows], own[rows]
+    n_before = int(own[-1])
+    Kb = pooled_keys(IK, n_before, bs)                                                # [nb, D_I]
+    if sel is None:
+        p, _ = attention_target(q, K[:e], scale, 0, positions=torch.arange(first_pos, e, device=q.device)[rows])
+        p = p[:, :n_before * bs].reshape(-1, n_before, bs).sum(-1)
+        mask = torch.arange(n_before, device=q.device)[None, :] < own[:, None]
+        logits = index_scores(iq, iw, Kb)
+    else:
+        sel = sel[rows]
+        idx, valid = block_positions(sel, bs, torch.arange(first_pos, e, device=q.device)[rows])
+        p = selected_attention_target(q, K, idx, valid, scale).view(sel.shape[0], -1, bs).sum(-1)[:, 1:]
+        mask = sel[:, 1:] >= 0
+        keep = mask.any(1)
+        if not keep.any():
+            return None
+        p, mask, sel, iq, iw = p[keep], mask[keep], sel[keep], iq[keep], iw[keep]
+        s = torch.einsum("chd,ckd->chk", iq, Kb[sel[:, 1:].clamp(min=0)]).relu()
+        logits = torch.einsum("ch,chk->ck", iw, s)
+    p = p * mask
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-30), logits, mask
 
 
 @torch.no_grad()
@@ -266,7 +390,8 @@ def selected_attention_target(q, K, idx, mask, scale):
 
 # ---- converting a dense model ------------------------------------------------------------
 
-def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, layers=None, seed: int = 0):
+def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, layers=None, seed: int = 0,
+                 block_size: int = 1):
     """Give a dense nanoseek Transformer lightning indexers (randomly initialised), in place.
 
     The model keeps running densely wherever a query sees <= topk keys; train the indexers
@@ -275,6 +400,9 @@ def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, l
     cfg = model.config
     cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk = n_heads, head_dim, topk
     cfg.index_layers = None if layers is None else sorted(int(i) for i in layers)
+    cfg.index_block_size = block_size
+    if block_size < 1 or topk % block_size:
+        raise NanoseekError(f"index block size {block_size} must be >= 1 and divide top-k {topk}")
     gen = torch.Generator().manual_seed(seed)
     for i, block in enumerate(model.layers):
         attn = block.self_attn

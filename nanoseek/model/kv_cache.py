@@ -46,7 +46,8 @@ class DenseKVCache:
             if index.sparse_for(end):
                 Vs = None if v is None else V
                 return torch.stack([attend_selected(q[b], K[b], None if Vs is None else Vs[b], scale, v_dim,
-                                                    index.q[b], index.w[b], self.ik[layer][b], start, index.topk)
+                                                    index.q[b], index.w[b], self.ik[layer][b], start, index.topk,
+                                                    index.block)
                                     for b in range(B)])
         # query i sits at absolute position start+i and may see keys 0..start+i
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)

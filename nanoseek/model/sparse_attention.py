@@ -9,11 +9,17 @@ sparse kernel).
 
 GQA's key heads are gathered as one row per token ([Hkv * D] contiguous), which is what
 makes the gather cheap on a CPU; see sparse_attention for how the heads then share it.
+
+With block selection (index_block_size > 1) a prefill attends a tile of queries at a time
+over the union of the blocks they chose (attend_blocks): one gather and two matmuls per tile,
+each query masked to its own blocks, so the work stays O(n * k) while the gathers shrink by
+the tile size. Decode rows (one query each) use the per-query gather above.
 """
 
 import torch
 
-from nanoseek.model.indexer import IndexerOutput, fit_indexer, index_scores, recency_bias, select_topk
+from nanoseek.model.indexer import (IndexerOutput, block_positions, fit_indexer, index_scores, pooled_keys,
+                                    recency_bias, select_blocks, select_topk)
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
 GATHER_CHUNK = 64
@@ -98,6 +104,46 @@ def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None, shared=
     return o
 
 
+def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None):
+    """Queries q [T, H, Dk] at positions start.. over the blocks each selected.
+
+    K [P, Hkv, Dk], V [P, Hkv, Dv] or None (values = K[..., :v_dim]): rows of a pool, the key
+    of position s at row slots[s] (slots None: row s); sel [T, m] block ids from
+    select_blocks (-1: none). -> [T, H, Dv]. Query tiles follow the block grid, so a tile's
+    queries share their own block and mostly the rest: the union of their blocks is gathered
+    once, and each query's scores are masked to its own blocks and its causal past.
+    Differentiable in q, K, V.
+    """
+    T, H, Dk = q.shape
+    Hkv = K.shape[1]
+    g = H // Hkv
+    out = q.new_empty(T, H, v_dim)
+    offsets = torch.arange(block, device=q.device)
+    a = 0
+    while a < T:
+        e = min((start + a) // block * block + block - start, T)          # the end of this block's queries
+        C = e - a
+        tile = sel[a:e]
+        blocks = torch.unique(tile[tile >= 0])                              # sorted
+        keys = (blocks[:, None] * block + offsets).view(-1)
+        n = int(torch.searchsorted(keys, start + e))                        # drop keys after the last query
+        keys = keys[:n]
+        rows = keys if slots is None else slots[keys]
+        Kg = K.index_select(0, rows)                                        # [n, Hkv, Dk]
+        Vg = Kg[..., :v_dim] if V is None else V.index_select(0, rows)
+        chosen = (tile[:, :, None] == blocks[None, None, :]).any(1)         # [C, |blocks|]
+        pos = torch.arange(start + a, start + e, device=q.device)
+        allowed = chosen.repeat_interleave(block, 1)[:, :n] & (keys[None, :] <= pos[:, None])
+        qh = q[a:e].view(C, Hkv, g, Dk).permute(1, 0, 2, 3).reshape(Hkv, C * g, Dk)
+        s = torch.bmm(qh, Kg.permute(1, 2, 0)).float().mul_(scale)          # [Hkv, C*g, n]
+        s = s.view(Hkv, C, g, n).masked_fill(~allowed[None, :, None, :], float("-inf"))
+        p = s.view(Hkv, C * g, n).softmax(-1).to(q.dtype)
+        o = torch.bmm(p, Vg.permute(1, 0, 2))                               # [Hkv, C*g, Dv]
+        out[a:e] = o.view(Hkv, C, g, v_dim).permute(1, 0, 2, 3).reshape(C, H, v_dim)
+        a = e
+    return out
+
+
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
 SELECT_BLOCK = 1024
 
@@ -111,25 +157,37 @@ def sparse_causal_attention(q, k, v, scale, v_dim, index: IndexerOutput):
     if index.module.kl:  # the sparse training stage: KL over the selected keys only
         outs, selections = [], []
         for b in range(B):
-            idx, valid = select_topk(index.q[b], index.w[b], index.k[b], 0, index.topk)
-            outs.append(sparse_attention(q[b], k[b], None if v is None else v[b], idx, valid, scale, v_dim))
-            selections.append((idx, valid))
+            Vb = None if v is None else v[b]
+            if index.block == 1:
+                idx, valid = select_topk(index.q[b], index.w[b], index.k[b], 0, index.topk)
+                outs.append(sparse_attention(q[b], k[b], Vb, idx, valid, scale, v_dim))
+                selections.append((idx, valid))
+            else:
+                sel = select_blocks(index.q[b], index.w[b], index.k[b], 0, index.topk, index.block)
+                outs.append(attend_blocks(q[b], k[b], Vb, scale, v_dim, sel, 0, index.block))
+                selections.append(sel)
         fit_indexer(index, q, k, scale, selections)
         return torch.stack(outs)
     return torch.stack([attend_selected(q[b], k[b], None if v is None else v[b], scale, v_dim,
-                                        index.q[b], index.w[b], index.k[b], 0, index.topk) for b in range(B)])
+                                        index.q[b], index.w[b], index.k[b], 0, index.topk, index.block)
+                        for b in range(B)])
 
 
-def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk):
+def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slots=None):
     """Attention of one sequence's queries q [T, H, Dk] at positions start.. over their
     selected keys among K/V/IK, the keys of positions 0..start+T-1 (main [L, Hkv, D],
-    indexer [L, D_I]) -> [T, H, Dv]."""
+    indexer [L, D_I]; with slots, K and V are a pool whose row slots[s] holds position s)
+    -> [T, H, Dv]."""
     T = q.shape[0]
     out = None
     for a in range(0, T, SELECT_BLOCK):
         b = min(a + SELECT_BLOCK, T)
-        idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)
-        o = sparse_attention(q[a:b], K, V, idx, valid, scale, v_dim)
+        if block > 1:
+            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block)
+            o = attend_blocks(q[a:b], K, V, scale, v_dim, sel, start + a, block, slots)
+        else:
+            idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)
+            o = sparse_attention(q[a:b], K, V, idx if slots is None else slots[idx], valid, scale, v_dim)
         if b - a == T:
             return o
         if out is None:
@@ -161,23 +219,46 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
         pos = torch.arange(width)
         slots = ctx.decode_tables[:, pos // bs] * bs + pos % bs                        # [B, W]
         IK = IKpool[slots]                                                             # [B, W, D_I]
-        bias = recency_bias(width, iq.dtype).expand(len(rows), 1, width)
-        s = torch.baddbmm(bias, iw[rows].unsqueeze(1),
-                          torch.bmm(iq[rows], IK.transpose(1, 2)).relu_()).squeeze(1)  # [B, W]
-        s.masked_fill_(pos[None, :] >= lens[:, None], float("-inf"))
-        s.scatter_(1, (lens - 1)[:, None], float("inf"))                               # own position
-        k = min(index.topk, width)
-        idx = s.topk(k, dim=-1, sorted=False).indices
-        valid = idx < lens[:, None]
+        if index.block == 1:
+            bias = recency_bias(width, iq.dtype).expand(len(rows), 1, width)
+            s = torch.baddbmm(bias, iw[rows].unsqueeze(1),
+                              torch.bmm(iq[rows], IK.transpose(1, 2)).relu_()).squeeze(1)  # [B, W]
+            s.masked_fill_(pos[None, :] >= lens[:, None], float("-inf"))
+            s.scatter_(1, (lens - 1)[:, None], float("inf"))                               # own position
+            k = min(index.topk, width)
+            idx = s.topk(k, dim=-1, sorted=False).indices
+            valid = idx < lens[:, None]
+        else:
+            idx, valid = decode_blocks(iq[rows], iw[rows], IK, lens, index.topk, index.block)
         out[rows] = sparse_attention(q[rows], Kpool, Vpool, slots.gather(1, idx), valid, scale, v_dim)
     for row, new, cached, table in ctx.prefills:
         total = cached + new
         pos = torch.arange(total)
         slots = table[pos // bs] * bs + pos % bs
-        idx, valid = select_topk(iq[row:row + new], iw[row:row + new], IKpool[slots], cached, index.topk)
-        out[row:row + new] = sparse_attention(q[row:row + new], Kpool, Vpool, slots[idx], valid, scale, v_dim)
+        out[row:row + new] = attend_selected(q[row:row + new], Kpool, Vpool, scale, v_dim, iq[row:row + new],
+                                             iw[row:row + new], IKpool[slots], cached, index.topk, index.block,
+                                             slots)
     return out.unsqueeze(0)
 
 
-__all__ = ["sparse_attention", "attend_rows", "sparse_causal_attention", "attend_selected", "paged_sparse_attend",
-           "index_scores"]
+def decode_blocks(iq, iw, IK, lens, topk: int, block: int):
+    """Block selection for B decode queries at positions lens - 1 over their padded indexer keys
+    IK [B, W, D_I] -> key positions idx [B, m * block] and valid (select_blocks, batched)."""
+    B, W, D = IK.shape
+    if W % block:  # whole blocks (the padding is never a candidate: it lies at or after each own block)
+        IK = torch.nn.functional.pad(IK, (0, 0, 0, block - W % block))
+    m = topk // block
+    own = (lens - 1) // block
+    nb = IK.shape[1] // block
+    Kb = IK[:, :nb * block].reshape(B, nb, block, D).float().mean(2).to(IK.dtype)   # [B, nb, D_I]
+    s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, 1, nb), iw.unsqueeze(1),
+                      torch.bmm(iq, Kb.transpose(1, 2)).relu_()).squeeze(1)          # [B, nb]
+    s.masked_fill_(torch.arange(nb)[None, :] >= own[:, None], float("-inf"))
+    s.scatter_(1, own[:, None], float("inf"))                                          # own block first
+    top = s.topk(min(m, nb), dim=-1)
+    sel = top.indices.masked_fill_(top.values == float("-inf"), -1)
+    return block_positions(sel, block, lens - 1)
+
+
+__all__ = ["sparse_attention", "attend_rows", "attend_blocks", "sparse_causal_attention", "attend_selected",
+           "paged_sparse_attend", "index_scores", "pooled_keys"]

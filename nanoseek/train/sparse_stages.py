@@ -178,6 +178,10 @@ def add_stage_args(p):
     add("--index-head-dim", type=int, default=64)
     add("--index-topk", type=int, default=512)
     add("--index-layers", default=None, help="comma-separated layer ids with an indexer (default: all)")
+    add("--index-block-size", type=int, default=64,
+        help="select blocks of this many keys (1 = single keys, DSA as published; blocks are what "
+             "makes sparse prefill faster than dense SDPA on a CPU)")
+    add("--kl-every", type=int, default=1, help="fit the indexer on every n-th chunk of 64 queries (n x cheaper)")
     add("--steps", type=int, default=None)
     add("--lr", type=float, default=None, help="default: 1e-3 warm-up, 7.3e-6 sparse")
     add("--indexer-lr", type=float, default=1e-4, help="sparse stage: the indexers' lr")
@@ -224,13 +228,17 @@ def run_stage(args, log=None):
             log("note: the model has no indexer; adding fresh ones (run --stage indexer-warmup first)")
         layers = None if arg("index_layers") is None else [int(i) for i in str(args.index_layers).split(",")]
         add_indexers(model, arg("index_heads", 4), arg("index_head_dim", 64), arg("index_topk", 512), layers,
-                     seed=seed)
+                     seed=seed, block_size=arg("index_block_size", 64))
     elif arg("index_topk"):
+        if args.index_topk % model.config.index_block_size:
+            raise NanoseekError(f"--index-topk {args.index_topk} must be a multiple of the model's index block "
+                                f"size {model.config.index_block_size}")
         model.config.index_topk = args.index_topk
         for ix in indexers(model):
             ix.topk = args.index_topk
     for ix in indexers(model):  # fp32 master weights: AdamW's small updates vanish in bf16
         ix.float()
+        ix.kl_every = arg("kl_every", 1)
     data = _load_data(data_spec, tok, seq_len, batch_size, seed)
     steps = arg("steps", 100)
     if stage == "indexer-warmup":
