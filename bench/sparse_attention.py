@@ -54,11 +54,11 @@ CONFIGS = {
 }
 
 
-def build(config, layers, topk, index_heads, index_dim, sparse):
+def build(config, layers, topk, index_heads, index_dim, sparse, block=1):
     cfg = ModelConfig(**CONFIGS[config], n_layers=layers)
     model = Transformer(cfg).init_weights(seed=0).to(torch.bfloat16).eval()
     if sparse:
-        add_indexers(model, index_heads, index_dim, topk)
+        add_indexers(model, index_heads, index_dim, topk, block_size=block)
     return model
 
 
@@ -82,7 +82,8 @@ def fill_cache(model, n):
 def one(args):
     """One measurement in this (fresh) process: prints a JSON line."""
     torch.set_num_threads(args.threads)
-    model = build(args.config, args.layers, args.topk, args.index_heads, args.index_dim, args.mode == "sparse")
+    model = build(args.config, args.layers, args.topk, args.index_heads, args.index_dim, args.mode == "sparse",
+                  args.block_size)
     n = args.n
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -118,7 +119,7 @@ def speed(args):
             if (mode, n) in done:
                 continue
             cmd = [sys.executable, __file__, "_one", "--mode", mode, "--n", str(n), "--config", args.config,
-                   "--layers", str(args.layers), "--topk", str(args.topk), "--index-heads", str(args.index_heads),
+                   "--layers", str(args.layers), "--topk", str(args.topk), "--block-size", str(args.block_size), "--index-heads", str(args.index_heads),
                    "--index-dim", str(args.index_dim), "--threads", str(args.threads),
                    "--decode-steps", str(args.decode_steps)]
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -227,9 +228,10 @@ def quality(args):
         from nanoseek.checkpoint.hf import load_hf
         model = load_hf(args.init, "bf16")
     else:
-        add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0)
+        add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size)
     for ix in indexers(model):
         ix.float()  # fp32 master weights while training
+        ix.kl_every = args.kl_every
     hist = indexer_warmup(model, token_batches(train, args.seq_len, args.batch_size, seed=args.seed),
                           steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
     for ix in indexers(model):
@@ -238,7 +240,8 @@ def quality(args):
     if args.save:
         model.save(args.save, tok)
     res = dict(setup=dict(model="SmolLM2-135M-Instruct bf16", index_heads=args.index_heads, index_dim=args.index_dim,
-                          topk=args.topk, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                          topk=args.topk, block_size=model.config.index_block_size, kl_every=args.kl_every,
+                          init=args.init, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           lr=args.lr, train_tokens=len(train), heldout_tokens=len(held), threads=args.threads),
                warmup=dict(seconds=train_s, kl_first=hist[0], kl_last=hist[-1], kl=hist), ppl={}, passkey=[])
     for ctx in [int(c) for c in args.ppl_lengths.split(",")]:
@@ -268,6 +271,7 @@ def main():
         s.add_argument("--topk", type=int, default=512)
         s.add_argument("--index-heads", type=int, default=4)
         s.add_argument("--index-dim", type=int, default=64)
+        s.add_argument("--block-size", type=int, default=64, help="index block size (1 = token-level DSA)")
         if name in ("speed", "_one"):
             s.add_argument("--config", choices=list(CONFIGS), default="mla")
             s.add_argument("--layers", type=int, default=2)
@@ -290,6 +294,7 @@ def main():
             s.add_argument("--save", default=None, help="save the converted model here")
             s.add_argument("--init", default=None, help="continue from a converted model saved by --save")
             s.add_argument("--seed", type=int, default=0, help="training-window sampling seed")
+            s.add_argument("--kl-every", type=int, default=1, help="fit every n-th chunk of 64 queries")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
     {"speed": speed, "_one": one, "quality": quality}[args.cmd](args)

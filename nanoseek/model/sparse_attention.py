@@ -17,6 +17,7 @@ the tile size. Decode rows (one query each) use the per-query gather above.
 """
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.model.indexer import (IndexerOutput, block_positions, fit_indexer, index_scores, pooled_keys,
                                     recency_bias, select_blocks, select_topk)
@@ -104,44 +105,90 @@ def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None, shared=
     return o
 
 
+# Queries attended together against one key block (rows of a tile; a block's queries are
+# padded up to a multiple of it).
+QUERY_TILE = 16
+
+
 def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None):
     """Queries q [T, H, Dk] at positions start.. over the blocks each selected.
 
     K [P, Hkv, Dk], V [P, Hkv, Dv] or None (values = K[..., :v_dim]): rows of a pool, the key
     of position s at row slots[s] (slots None: row s); sel [T, m] block ids from
-    select_blocks (-1: none). -> [T, H, Dv]. Query tiles follow the block grid, so a tile's
-    queries share their own block and mostly the rest: the union of their blocks is gathered
-    once, and each query's scores are masked to its own blocks and its causal past.
-    Differentiable in q, K, V.
+    select_blocks (column 0 the own block; -1: none). -> [T, H, Dv]. Differentiable in q, K, V.
+
+    The gather runs the other way round from sparse_attention (as in MoBA): each key block is
+    read once, contiguous, for the queries that chose it, so n * k/b query rows are gathered
+    instead of n * k key rows. Own blocks: the queries of each block of the grid against
+    that block, causally masked, in one batched matmul. Earlier blocks: the (query, block)
+    pairs sorted by block and cut into tiles of QUERY_TILE queries of one block. Each part
+    gives a softmax normalised over its block and its log-sum-exp; a query's parts are then
+    merged with weights softmax(lse) (flash-decoding's split-K merge).
     """
     T, H, Dk = q.shape
-    Hkv = K.shape[1]
+    dev = q.device
+    m = sel.shape[1]
+    # own blocks: every query of this call lies in blocks first..last of the grid
+    first, last = start // block, (start + T - 1) // block
+    n_own, lead = last - first + 1, start - first * block
+    qg = F.pad(q, (0, 0, 0, 0, lead, n_own * block - lead - T)).view(n_own, block, H, Dk)
+    keys = torch.arange(first * block, (last + 1) * block, device=dev).clamp_(max=start + T - 1)
+    Ko, Vo = _rows(K, V, keys if slots is None else slots[keys], v_dim)
+    causal = torch.ones(block, block, dtype=torch.bool, device=dev).tril()
+    o, lse = _block_partial(qg, Ko.view(n_own, block, *Ko.shape[1:]), Vo.view(n_own, block, *Vo.shape[1:]),
+                            scale, causal)
+    o_own, lse_own = o.view(-1, H, v_dim)[lead:lead + T], lse.view(-1, H)[lead:lead + T]
+    t_idx, c_idx = (sel[:, 1:] >= 0).nonzero(as_tuple=True)
+    if m == 1 or len(t_idx) == 0:
+        return o_own
+    # earlier blocks: (query, block) pairs in tiles of QUERY_TILE queries of one block
+    blk = sel[:, 1:][t_idx, c_idx]
+    order = torch.argsort(blk, stable=True)
+    blk, t_idx, c_idx = blk[order], t_idx[order], c_idx[order]
+    counts = torch.bincount(blk)
+    tiles = (counts + QUERY_TILE - 1) // QUERY_TILE
+    rank = torch.arange(len(blk), device=dev) - (torch.cumsum(counts, 0) - counts)[blk]
+    at = ((torch.cumsum(tiles, 0) - tiles)[blk] + rank // QUERY_TILE) * QUERY_TILE + rank % QUERY_TILE
+    n_tiles = int(tiles.sum())
+    qp = q.new_zeros(n_tiles * QUERY_TILE, H, Dk).index_copy(0, at, q[t_idx])
+    tile_block = torch.repeat_interleave(torch.arange(len(counts), device=dev), tiles)
+    keys = (tile_block[:, None] * block + torch.arange(block, device=dev)).view(-1)
+    Kt, Vt = _rows(K, V, keys if slots is None else slots[keys], v_dim)
+    o, lse = _block_partial(qp.view(n_tiles, QUERY_TILE, H, Dk), Kt.view(n_tiles, block, *Kt.shape[1:]),
+                            Vt.view(n_tiles, block, *Vt.shape[1:]), scale, None)
+    # merge: part 0 the own block, part 1 + c the c-th earlier block (-inf: none)
+    L = torch.full((T, m, H), float("-inf"), device=dev).index_put((t_idx, c_idx + 1), lse.view(-1, H)[at])
+    L = torch.cat([lse_own[:, None], L[:, 1:]], 1)
+    O = q.new_zeros(T, m, H, v_dim).index_put((t_idx, c_idx + 1), o.view(-1, H, v_dim)[at])
+    O = torch.cat([o_own[:, None], O[:, 1:]], 1)
+    w = L.softmax(1).to(q.dtype)
+    return (w[..., None] * O).sum(1)
+
+
+def _rows(K, V, rows, v_dim):
+    """Key and value rows of a pool (MLA: the values are the keys' first v_dim channels)."""
+    Kg = K.index_select(0, rows)
+    return Kg, (Kg[..., :v_dim] if V is None else V.index_select(0, rows))
+
+
+def _block_partial(q, K, V, scale, mask):
+    """Softmax attention of N tiles of queries q [N, R, H, Dk] over their key block
+    K [N, b, Hkv, Dk], V [N, b, Hkv, Dv]; mask [R, b] or None -> o [N, R, H, Dv] (normalised over
+    the block) and lse [N, R, H] (fp32), its log-sum-exp."""
+    N, R, H, Dk = q.shape
+    b, Hkv, Dv = K.shape[1], K.shape[2], V.shape[-1]
     g = H // Hkv
-    out = q.new_empty(T, H, v_dim)
-    offsets = torch.arange(block, device=q.device)
-    a = 0
-    while a < T:
-        e = min((start + a) // block * block + block - start, T)          # the end of this block's queries
-        C = e - a
-        tile = sel[a:e]
-        blocks = torch.unique(tile[tile >= 0])                              # sorted
-        keys = (blocks[:, None] * block + offsets).view(-1)
-        n = int(torch.searchsorted(keys, start + e))                        # drop keys after the last query
-        keys = keys[:n]
-        rows = keys if slots is None else slots[keys]
-        Kg = K.index_select(0, rows)                                        # [n, Hkv, Dk]
-        Vg = Kg[..., :v_dim] if V is None else V.index_select(0, rows)
-        chosen = (tile[:, :, None] == blocks[None, None, :]).any(1)         # [C, |blocks|]
-        pos = torch.arange(start + a, start + e, device=q.device)
-        allowed = chosen.repeat_interleave(block, 1)[:, :n] & (keys[None, :] <= pos[:, None])
-        qh = q[a:e].view(C, Hkv, g, Dk).permute(1, 0, 2, 3).reshape(Hkv, C * g, Dk)
-        s = torch.bmm(qh, Kg.permute(1, 2, 0)).float().mul_(scale)          # [Hkv, C*g, n]
-        s = s.view(Hkv, C, g, n).masked_fill(~allowed[None, :, None, :], float("-inf"))
-        p = s.view(Hkv, C * g, n).softmax(-1).to(q.dtype)
-        o = torch.bmm(p, Vg.permute(1, 0, 2))                               # [Hkv, C*g, Dv]
-        out[a:e] = o.view(Hkv, C, g, v_dim).permute(1, 0, 2, 3).reshape(C, H, v_dim)
-        a = e
-    return out
+    qh = q.view(N, R, Hkv, g, Dk).permute(0, 2, 1, 3, 4).reshape(N * Hkv, R * g, Dk)
+    kh = K.permute(0, 2, 3, 1).reshape(N * Hkv, Dk, b)
+    s = torch.bmm(qh, kh).float().mul_(scale)                                   # [N*Hkv, R*g, b]
+    if mask is not None:
+        s = s.view(N * Hkv, R, g, b).masked_fill(~mask[None, :, None, :], float("-inf")).view(N * Hkv, R * g, b)
+    p = s.softmax(-1)  # one fused pass; then, as p_max = exp(s_max - lse), two cheap reductions
+    lse = s.amax(-1) - p.amax(-1).log()
+    p = p.to(q.dtype)
+    o = torch.bmm(p, V.permute(0, 2, 1, 3).reshape(N * Hkv, b, Dv))             # [N*Hkv, R*g, Dv]
+    o = o.view(N, Hkv, R, g, Dv).permute(0, 2, 1, 3, 4).reshape(N, R, H, Dv)
+    return o, lse.view(N, Hkv, R, g).permute(0, 2, 1, 3).reshape(N, R, H)
 
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
