@@ -112,6 +112,24 @@ def test_small_kv_budget_preempts_and_completes_64(model):
     assert llm.engine.blocks.num_used == 0
 
 
+def test_admission_keeps_a_watermark_for_running_sequences(model):
+    """A new prompt waits while admitting it would leave less than the watermark free; an idle
+    engine admits what fits, so nothing waits forever."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for watermark, admitted in ((0.25, False), (0.0, True)):  # 10 blocks, none
+        eng = Engine(model, None, block_size=4, num_blocks=40, enable_prefix_caching=False, watermark=watermark)
+        a = eng.add_request(prompts(1, seed=8, lo=20, hi=21)[0], params)   # 6 blocks with its first token
+        eng.step()
+        eng.add_request(prompts(1, seed=9, lo=100, hi=101)[0], params)     # 26 blocks: would leave 8 free
+        eng.step()
+        assert (len(eng.running) == 2) == admitted and len(eng.waiting) == (not admitted)
+    eng.abort(a)
+    big = Engine(model, None, block_size=4, num_blocks=40, enable_prefix_caching=False, watermark=0.5)
+    big.add_request(prompts(1, seed=9, lo=100, hi=101)[0], params)
+    big.step()
+    assert len(big.running) == 1  # alone, it runs although the watermark is not kept
+
+
 def test_abort_frees_all_blocks(model):
     eng = Engine(model, None, block_size=4, enable_prefix_caching=False)
     ids = [eng.add_request(p, GREEDY) for p in prompts(8, seed=7)]

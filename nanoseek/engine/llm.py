@@ -14,7 +14,8 @@ from nanoseek.sampling import SamplingParams
 
 
 def _engine_kwargs(kw):
-    keys = ("max_batch_tokens", "max_num_seqs", "kv_cache_gib", "num_blocks", "block_size", "enable_prefix_caching")
+    keys = ("max_batch_tokens", "max_num_seqs", "kv_cache_gib", "num_blocks", "block_size", "enable_prefix_caching",
+            "watermark")
     return {k: kw[k] for k in keys if k in kw}
 
 

@@ -10,10 +10,11 @@ sparse kernel).
 GQA's key heads are gathered as one row per token ([Hkv * D] contiguous), which is what
 makes the gather cheap on a CPU; see sparse_attention for how the heads then share it.
 
-With block selection (index_block_size > 1) a prefill attends a tile of queries at a time
-over the union of the blocks they chose (attend_blocks): one gather and two matmuls per tile,
-each query masked to its own blocks, so the work stays O(n * k) while the gathers shrink by
-the tile size. Decode rows (one query each) use the per-query gather above.
+With block selection (index_block_size > 1) a prefill gathers the other way round
+(attend_blocks): every chosen key block is read once, in place, for the queries that chose it,
+and each query's per-block results are merged by their log-sum-exp. The work is exactly
+n * k whatever the queries choose, and the gathers shrink by the block size. Decode rows (one
+query each) use the per-query gather above.
 """
 
 import torch

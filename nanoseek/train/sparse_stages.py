@@ -64,6 +64,14 @@ def _mean_kl(model) -> float:
     return sum(kls) / max(len(kls), 1)
 
 
+def _progress(t0: float, step: int, steps: int, batch_tokens: int) -> str:
+    """Elapsed time, tokens/s and ETA after step (0-based) of steps."""
+    took = time.perf_counter() - t0
+    per_step = took / (step + 1)
+    return (f"{took:.0f}s  {batch_tokens / per_step:,.0f} tok/s  "
+            f"eta {per_step * (steps - step - 1):.0f}s")
+
+
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10%."""
     if step < warmup:
@@ -100,7 +108,7 @@ def indexer_warmup(model, data, steps: int = 100, lr: float = 1e-3, warmup_steps
             history.append(_mean_kl(model))
             if log and (step % log_every == 0 or step == steps - 1):
                 log(f"indexer-warmup step {step + 1}/{steps}  kl {history[-1]:.4f}  "
-                    f"{time.perf_counter() - t0:.0f}s")
+                    f"{_progress(t0, step, steps, inputs.numel())}")
     finally:
         set_stage(model, None)
         for p, r in was.items():
@@ -140,7 +148,7 @@ def sparse_train(model, data, steps: int = 100, lr: float = 7.3e-6, indexer_lr: 
             history.append({"loss": loss.item(), "kl": _mean_kl(model)})
             if log and (step % log_every == 0 or step == steps - 1):
                 log(f"sparse step {step + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
-                    f"kl {history[-1]['kl']:.4f}  {time.perf_counter() - t0:.0f}s")
+                    f"kl {history[-1]['kl']:.4f}  {_progress(t0, step, steps, inputs.numel())}")
     finally:
         set_stage(model, None)
         model.eval()
