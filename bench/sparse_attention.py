@@ -232,15 +232,20 @@ def quality(args):
     for ix in indexers(model):
         ix.float()  # fp32 master weights while training
         ix.kl_every = args.kl_every
-    hist = indexer_warmup(model, token_batches(train, args.seq_len, args.batch_size, seed=args.seed),
-                          steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
+    hist = [None] if args.steps == 0 else indexer_warmup(  # --steps 0: evaluate a saved model (--init) only
+        model, token_batches(train, args.seq_len, args.batch_size, seed=args.seed),
+        steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
     for ix in indexers(model):
         ix.to(torch.bfloat16)
+    if args.eval_topk:  # evaluate with another top-k than the one trained with
+        model.config.index_topk = args.eval_topk
+        for ix in indexers(model):
+            ix.topk = args.eval_topk
     train_s = time.perf_counter() - t0
     if args.save:
         model.save(args.save, tok)
     res = dict(setup=dict(model="SmolLM2-135M-Instruct bf16", index_heads=args.index_heads, index_dim=args.index_dim,
-                          topk=args.topk, block_size=model.config.index_block_size, kl_every=args.kl_every,
+                          topk=model.config.index_topk, block_size=model.config.index_block_size, kl_every=args.kl_every,
                           init=args.init, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           lr=args.lr, train_tokens=len(train), heldout_tokens=len(held), threads=args.threads),
                warmup=dict(seconds=train_s, kl_first=hist[0], kl_last=hist[-1], kl=hist), ppl={}, passkey=[])
@@ -295,6 +300,7 @@ def main():
             s.add_argument("--init", default=None, help="continue from a converted model saved by --save")
             s.add_argument("--seed", type=int, default=0, help="training-window sampling seed")
             s.add_argument("--kl-every", type=int, default=1, help="fit every n-th chunk of 64 queries")
+            s.add_argument("--eval-topk", type=int, default=None, help="top-k for the evaluation (default: trained)")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
     {"speed": speed, "_one": one, "quality": quality}[args.cmd](args)

@@ -187,13 +187,17 @@ def test_dense_config_export_unchanged():
 
 @pytest.mark.parametrize("block", [1, 4])
 def test_blocked_selection_equals_one_block(monkeypatch, block):
-    """Long prefills select and attend SELECT_BLOCK queries at a time; the result is the same."""
+    """Long prefills select and attend SELECT_BLOCK queries at a time (four times that, in
+    tiles of WIDE_QUERY_TILE, for wide key rows); the result is the same."""
     import nanoseek.model.sparse_attention as sa
     _, sparse = dense_and_sparse("mla-qlora", block=block)
     x = ids(1, 40, seed=5)
     with torch.no_grad():
         one = sparse(x)
         monkeypatch.setattr(sa, "SELECT_BLOCK", 7)
+        assert (sparse(x) - one).abs().max().item() < 1e-5
+        monkeypatch.setattr(sa, "SELECT_BLOCK", 3)
+        monkeypatch.setattr(sa, "WIDE_ROW", 1)   # these tiny rows count as wide: the other tiling
         assert (sparse(x) - one).abs().max().item() < 1e-5
 
 
@@ -223,9 +227,13 @@ def test_block_selection_is_causal_keeps_own_block_and_is_the_top_blocks():
         assert set(range((start + t) // bs * bs, start + t + 1)) <= seen
 
 
-def test_block_attention_over_chosen_blocks_matches_masked_dense():
-    """attend_blocks (a tile of queries over the union of their blocks) equals each query's own
-    dense softmax over exactly the keys its blocks hold."""
+@pytest.mark.parametrize("tile", [1, 3, 16, 64])
+def test_block_attention_over_chosen_blocks_matches_masked_dense(monkeypatch, tile):
+    """attend_blocks (each key block against the queries that chose it, tiles of `tile` queries,
+    merged by log-sum-exp) equals each query's own dense softmax over exactly the keys its
+    blocks hold."""
+    import nanoseek.model.sparse_attention as sa
+    monkeypatch.setattr(sa, "QUERY_TILE", tile)
     g = torch.Generator().manual_seed(0)
     T, H, Hkv, D, bs = 37, 6, 2, 16, 4
     q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, 12, generator=g)

@@ -118,15 +118,24 @@ class MLA(nn.Module):
         c = self.kv_a_layernorm(c)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved)  # [B,T,1,rope]
         index = None if self.indexer is None else self.indexer(x, qr, cos, sin)
-        if cache is None and (index is None or not index.sparse_for(T)):
+        dense = index is None or not index.sparse_for(T)
+        # Without a cache: per-head keys and values. Block-sparse prefill uses them as well, since
+        # a block of keys is read once for many queries and per-head K/V take ~4x fewer flops per
+        # key than the absorbed form (DeepSeek also prefills in this MHA form).
+        if cache is None and (dense or index.block > 1):
             kv = self.kv_b_proj(c).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
-            out = causal_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale)
-            if index is not None and self.indexer.kl:  # dense warm-up: fit the indexer to it
-                fit_indexer(index, torch.cat([q_nope, q_pe], dim=-1), k, self.scale)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            if dense:
+                out = causal_attention(q, k, v, self.scale)
+                if index is not None and self.indexer.kl:  # dense warm-up: fit the indexer to it
+                    fit_indexer(index, q, k, self.scale)
+            else:
+                out = sparse_causal_attention(q, k, v, self.scale, self.v_dim, index)
         else:
-            # the absorbed form; sparse attention without a cache uses it too (MQA over the latent)
+            # the absorbed form: with a cache, and for token-level sparse attention (each query
+            # gathers its own keys, so the small latent rows are the ones to gather)
             w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)

@@ -107,8 +107,10 @@ def attend_rows(q, Kg, Vg, valid, scale, v_dim, n_kv_heads, spread=None, shared=
 
 
 # Queries attended together against one key block (rows of a tile; a block's queries are
-# padded up to a multiple of it).
-QUERY_TILE = 16
+# padded up to a multiple of it). Each tile copies its key block, so wide key rows (MLA's per-head
+# keys: 16 heads x 192) want bigger tiles; narrow ones (GQA's few KV heads) lose less to padding
+# with small ones. Measured on this CPU: SmolLM2's shape best at 16, DeepSeek MLA's at 64.
+QUERY_TILE, WIDE_QUERY_TILE, WIDE_ROW = 16, 64, 1024
 
 
 def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None):
@@ -129,6 +131,7 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     T, H, Dk = q.shape
     dev = q.device
     m = sel.shape[1]
+    tile = WIDE_QUERY_TILE if K.shape[1] * Dk >= WIDE_ROW else QUERY_TILE
     # own blocks: every query of this call lies in blocks first..last of the grid
     first, last = start // block, (start + T - 1) // block
     n_own, lead = last - first + 1, start - first * block
@@ -137,45 +140,49 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     Ko, Vo = _rows(K, V, keys if slots is None else slots[keys], v_dim)
     causal = torch.ones(block, block, dtype=torch.bool, device=dev).tril()
     o, lse = _block_partial(qg, Ko.view(n_own, block, *Ko.shape[1:]), Vo.view(n_own, block, *Vo.shape[1:]),
-                            scale, causal)
-    o_own, lse_own = o.view(-1, H, v_dim)[lead:lead + T], lse.view(-1, H)[lead:lead + T]
+                            scale, causal, v_dim)
+    o_own, lse_own = o.reshape(-1, H, v_dim)[lead:lead + T], lse.reshape(-1, H)[lead:lead + T]
     t_idx, c_idx = (sel[:, 1:] >= 0).nonzero(as_tuple=True)
     if m == 1 or len(t_idx) == 0:
         return o_own
-    # earlier blocks: (query, block) pairs in tiles of QUERY_TILE queries of one block
+    # earlier blocks: (query, block) pairs in tiles of tile queries of one block
     blk = sel[:, 1:][t_idx, c_idx]
     order = torch.argsort(blk, stable=True)
     blk, t_idx, c_idx = blk[order], t_idx[order], c_idx[order]
     counts = torch.bincount(blk)
-    tiles = (counts + QUERY_TILE - 1) // QUERY_TILE
+    tiles = (counts + tile - 1) // tile
     rank = torch.arange(len(blk), device=dev) - (torch.cumsum(counts, 0) - counts)[blk]
-    at = ((torch.cumsum(tiles, 0) - tiles)[blk] + rank // QUERY_TILE) * QUERY_TILE + rank % QUERY_TILE
+    at = ((torch.cumsum(tiles, 0) - tiles)[blk] + rank // tile) * tile + rank % tile
     n_tiles = int(tiles.sum())
-    qp = q.new_zeros(n_tiles * QUERY_TILE, H, Dk).index_copy(0, at, q[t_idx])
+    # each tile row's query (padding rows: query 0, weighted 0 below); one gather, no zero fill
+    row_query = torch.zeros(n_tiles * tile, dtype=torch.long, device=dev).index_copy_(0, at, t_idx)
     tile_block = torch.repeat_interleave(torch.arange(len(counts), device=dev), tiles)
     keys = (tile_block[:, None] * block + torch.arange(block, device=dev)).view(-1)
     Kt, Vt = _rows(K, V, keys if slots is None else slots[keys], v_dim)
-    o, lse = _block_partial(qp.view(n_tiles, QUERY_TILE, H, Dk), Kt.view(n_tiles, block, *Kt.shape[1:]),
-                            Vt.view(n_tiles, block, *Vt.shape[1:]), scale, None)
-    # merge: part 0 the own block, part 1 + c the c-th earlier block (-inf: none)
-    L = torch.full((T, m, H), float("-inf"), device=dev).index_put((t_idx, c_idx + 1), lse.view(-1, H)[at])
-    L = torch.cat([lse_own[:, None], L[:, 1:]], 1)
-    O = q.new_zeros(T, m, H, v_dim).index_put((t_idx, c_idx + 1), o.view(-1, H, v_dim)[at])
-    O = torch.cat([o_own[:, None], O[:, 1:]], 1)
+    o, lse = _block_partial(q.index_select(0, row_query).view(n_tiles, tile, H, Dk),
+                            Kt.view(n_tiles, block, *Kt.shape[1:]), Vt.view(n_tiles, block, *Vt.shape[1:]),
+                            scale, None, v_dim)
+    # merge: weights softmax over a query's parts (0: own block, 1 + c: its c-th earlier block)
+    L = torch.full((T, m, H), float("-inf"), device=dev)
+    L = torch.cat([lse_own[:, None], L[:, 1:].index_put((t_idx, c_idx), lse.reshape(-1, H)[at])], 1)
     w = L.softmax(1).to(q.dtype)
-    return (w[..., None] * O).sum(1)
+    w_rows = q.new_zeros(n_tiles * tile, H).index_put((at,), w[t_idx, c_idx + 1])
+    parts = o.reshape(-1, H, v_dim) * w_rows[..., None]
+    return (o_own * w[:, 0, :, None]).index_add(0, row_query, parts)
 
 
 def _rows(K, V, rows, v_dim):
-    """Key and value rows of a pool (MLA: the values are the keys' first v_dim channels)."""
+    """Key and value rows of a pool. MLA (V None): the values are the keys' first v_dim
+    channels; the whole rows are returned, _block_partial cuts its output instead (a matmul
+    over whole rows is faster here than over a strided view of them)."""
     Kg = K.index_select(0, rows)
-    return Kg, (Kg[..., :v_dim] if V is None else V.index_select(0, rows))
+    return Kg, (Kg if V is None else V.index_select(0, rows))
 
 
-def _block_partial(q, K, V, scale, mask):
+def _block_partial(q, K, V, scale, mask, v_dim):
     """Softmax attention of N tiles of queries q [N, R, H, Dk] over their key block
-    K [N, b, Hkv, Dk], V [N, b, Hkv, Dv]; mask [R, b] or None -> o [N, R, H, Dv] (normalised over
-    the block) and lse [N, R, H] (fp32), its log-sum-exp."""
+    K [N, b, Hkv, Dk], V [N, b, Hkv, >= v_dim]; mask [R, b] or None -> o [N, R, H, v_dim]
+    (normalised over the block) and lse [N, R, H] (fp32), its log-sum-exp."""
     N, R, H, Dk = q.shape
     b, Hkv, Dv = K.shape[1], K.shape[2], V.shape[-1]
     g = H // Hkv
@@ -188,7 +195,7 @@ def _block_partial(q, K, V, scale, mask):
     lse = s.amax(-1) - p.amax(-1).log()
     p = p.to(q.dtype)
     o = torch.bmm(p, V.permute(0, 2, 1, 3).reshape(N * Hkv, b, Dv))             # [N*Hkv, R*g, Dv]
-    o = o.view(N, Hkv, R, g, Dv).permute(0, 2, 1, 3, 4).reshape(N, R, H, Dv)
+    o = o.view(N, Hkv, R, g, Dv)[..., :v_dim].permute(0, 2, 1, 3, 4).reshape(N, R, H, v_dim)
     return o, lse.view(N, Hkv, R, g).permute(0, 2, 1, 3).reshape(N, R, H)
 
 
@@ -228,8 +235,9 @@ def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slo
     -> [T, H, Dv]."""
     T = q.shape[0]
     out = None
-    for a in range(0, T, SELECT_BLOCK):
-        b = min(a + SELECT_BLOCK, T)
+    span = SELECT_BLOCK * (4 if block > 1 and K.shape[1] * K.shape[2] >= WIDE_ROW else 1)  # wide tiles want more queries
+    for a in range(0, T, span):
+        b = min(a + span, T)
         if block > 1:
             sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block)
             o = attend_blocks(q[a:b], K, V, scale, v_dim, sel, start + a, block, slots)
