@@ -49,6 +49,12 @@ class DenseKVCache:
                                                     index.q[b], index.w[b], self.ik[layer][b], start, index.topk,
                                                     index.block)
                                     for b in range(B)])
+        if T == 1:  # decode: each KV head's query heads are its rows (SDPA's GQA path is slow, and
+            #           it would expand MLA's one latent head to every query head)
+            H, Hkv = q.shape[2], K.shape[2]
+            out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, q.shape[-1]), K.transpose(1, 2),
+                                                 V.transpose(1, 2), scale=scale)
+            return out.reshape(B, 1, H, -1)
         # query i sits at absolute position start+i and may see keys 0..start+i
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
