@@ -255,7 +255,7 @@ def quality(args):
         res["ppl"][ctx] = dict(dense=d, sparse=s, rel=(s - d) / d)
         log(f"ppl@{ctx}: dense {d:.3f} sparse {s:.3f} ({100 * (s - d) / d:+.2f}%)")
         out.write_text(json.dumps(res, indent=1))
-    for ctx in [int(c) for c in args.passkey_lengths.split(",")]:
+    for ctx in [int(c) for c in args.passkey_lengths.split(",") if c]:
         for depth in [float(x) for x in args.depths.split(",")]:
             key = 10000 + (int(ctx * 7 + depth * 1000) * 7919) % 89999
             ok_d, ans_d, n = passkey(dense, tok, ctx, depth, key)

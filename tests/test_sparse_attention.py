@@ -28,7 +28,10 @@ CONFIGS = {
 }
 
 
-def dense_and_sparse(name, topk=8, layers=None, block=1):
+def dense_and_sparse(name, topk=None, layers=None, block=1):
+    """A tiny model and its copy with indexers. Default top-k: 8 keys, or 5 blocks of 4 (3 kept,
+    2 chosen), so that a 40-token input really selects."""
+    topk = topk or (8 if block == 1 else 20)
     dense = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0).eval()
     sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1,
                           block_size=block)
@@ -130,7 +133,7 @@ def test_main_attention_is_never_dense_when_sparse(monkeypatch, block):
     x = ids(1, 40)
     with torch.no_grad():
         sparse(x)
-        cached_forward(sparse, x, [0, 20, 21, 40])
+        cached_forward(sparse, x, [0, 24, 25, 40])  # every chunk sees more keys than top-k
     assert not calls
 
 
@@ -203,7 +206,7 @@ def test_blocked_selection_equals_one_block(monkeypatch, block):
 
 def test_block_selection_is_causal_keeps_own_block_and_is_the_top_blocks():
     g = torch.Generator().manual_seed(0)
-    T, start, topk, bs = 30, 11, 12, 4
+    T, start, topk, bs = 40, 11, 20, 4
     L = start + T
     q, w, K = torch.randn(T, 3, 16, generator=g), torch.randn(T, 3, generator=g), torch.randn(L, 16, generator=g)
     sel = select_blocks(q, w, K, start, topk, bs)
@@ -212,13 +215,15 @@ def test_block_selection_is_causal_keeps_own_block_and_is_the_top_blocks():
         pos = start + t
         own = pos // bs
         chosen = sel[t][sel[t] >= 0].tolist()
-        assert chosen[0] == own and len(chosen) == min(m, own + 1) and max(chosen) == own
-        # the rest: the best earlier blocks by the indexer's score of each block's mean key
+        assert len(chosen) == len(set(chosen)) == min(m, own + 1) and max(chosen) == own
+        assert chosen[:3] == [own, own - 1, 0][:min(3, own + 1)]  # own, previous and first: always kept
+        # the rest: the best of blocks 1..own-2 by the indexer's score of each block's mean key
         # (ReLU's exact-zero ties go to the later block)
         means = K[:own * bs].view(own, bs, -1).mean(1)
         scores = index_scores(q[t:t + 1], w[t:t + 1], means, recency_bias(own, torch.float32))[0]
-        best = scores.topk(min(m - 1, own)).indices.tolist()
-        assert set(chosen[1:]) == set(best)
+        scores[0] = float("-inf")
+        best = scores[:max(own - 1, 0)].topk(max(min(m - 3, own - 2), 0)).indices.tolist()
+        assert set(chosen[3:]) == set(best)
     idx, valid = block_positions(sel, bs, torch.arange(start, L))
     assert (idx[valid] <= torch.arange(start, L)[:, None].expand_as(idx)[valid]).all()
     # every query sees its own position and the whole of its own block's past

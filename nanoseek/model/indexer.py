@@ -24,7 +24,8 @@ Choices, following DeepSeek-V3.2's inference code unless said otherwise:
 Block selection (index_block_size b > 1; our addition, in the spirit of MoBA and NSA's
 selection branch). The keys are cut into blocks of b consecutive positions and the indexer
 scores a block by the mean of its keys, I(t, j) = sum_h w_h * ReLU(q_h(t) . mean_{s in j} k(s)).
-Each query keeps its own block (causally masked inside) and the top k/b - 1 earlier blocks.
+Each query keeps its own block (causally masked inside), the one before it and the first one
+(KEPT_BLOCKS), and the indexer picks the top k/b - 3 of the other earlier blocks.
 Why: on a CPU the token-level form costs more than it saves. Its n x n scores, the top-k over
 them and k separate key rows gathered per query outweigh dense flash attention up to 64K. With
 blocks, the scores are n x n/b, and neighbouring queries mostly pick the same blocks, so a tile
@@ -216,32 +217,55 @@ def pooled_keys(IK, n_blocks: int, block: int):
     return IK[:n_blocks * block].reshape(n_blocks, block, D).float().mean(1).to(IK.dtype)
 
 
+# Blocks every query keeps whatever its scores (block selection): its own, the one before it (a
+# local window of b..2b-1 keys) and the first (the attention sink at position 0). A mean key blurs
+# RoPE's fast frequencies, so the indexer can hardly learn recency from pooled keys. Yet nearly
+# every head needs recency: without these three, SmolLM2 converted at top-k 512 lost 10% ppl at
+# 2K (NSA keeps a sliding window, MoBA the current block, for the same reason).
+KEPT_BLOCKS = 3
+
+
+def kept_blocks(own, m: int):
+    """own [T] -> [T, min(m, KEPT_BLOCKS)]: own block, previous, first; -1 where none or repeated."""
+    none = torch.full_like(own, -1)
+    prev = torch.where(own >= 1, own - 1, none)
+    first = torch.where(own >= 2, torch.zeros_like(own), none)
+    return torch.stack([own, prev, first], 1)[:, :m]
+
+
+def candidate_blocks(own, n_blocks: int):
+    """[T, n_blocks] bool: the blocks a query's indexer chooses among (not kept, not after it)."""
+    j = torch.arange(n_blocks, device=own.device)[None, :]
+    return (j >= 1) & (j < own[:, None] - 1)
+
+
 @torch.no_grad()
 def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024):
     """The selected blocks of T queries at positions start..start+T-1 (index_block_size > 1).
 
     q [T, H_I, D_I], w [T, H_I], IK [>= start + T, D_I] -> sel [T, topk // block]: block ids,
-    column 0 the query's own block, then the best earlier blocks by I(t, j); -1 where a query
-    has fewer earlier blocks than that (it then sees all of them: dense attention).
+    first the kept ones (own, previous, first: kept_blocks), then the best of the other earlier
+    blocks by I(t, j); -1 where there is no such block (a query with at most topk // block
+    blocks then sees all of them: dense attention).
     """
     T = q.shape[0]
     m = topk // block
     own = torch.arange(start, start + T, device=q.device) // block
     sel = torch.full((T, m), -1, dtype=torch.long, device=q.device)
-    sel[:, 0] = own
+    n_kept = min(m, KEPT_BLOCKS)
+    sel[:, :n_kept] = kept_blocks(own, m)
     n_before = int(own[-1])  # complete blocks before the last query's own block
-    if m == 1 or n_before == 0:
+    k = min(m - n_kept, n_before)
+    if k <= 0 or n_before < 3:
         return sel
     Kb = pooled_keys(IK, n_before, block)
     bias = recency_bias(n_before, q.dtype, q.device)
-    cols = torch.arange(n_before, device=q.device)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         s = selection_scores(q[a:b], w[a:b], Kb, bias)                            # [C, n_before]
-        s.masked_fill_(cols[None, :] >= own[a:b, None], float("-inf"))
-        k = min(m - 1, n_before)
+        s.masked_fill_(~candidate_blocks(own[a:b], n_before), float("-inf"))
         top = s.topk(k, dim=-1, sorted=False)
-        sel[a:b, 1:1 + k] = top.indices.masked_fill_(top.values == float("-inf"), -1)
+        sel[a:b, n_kept:n_kept + k] = top.indices.masked_fill_(top.values == float("-inf"), -1)
     return sel
 
 
@@ -294,7 +318,8 @@ def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int |
     selections per batch row, (idx, valid) of select_topk or sel of select_blocks: the sparse
     stage, the target and the indexer's distribution are both restricted to the selected keys.
     With blocks, the target is the attention each earlier block receives (summed over its keys),
-    renormalised over those blocks; the own block is left out of both, as it is always kept.
+    renormalised over the blocks the indexer chooses among; the kept blocks (own, previous,
+    first) are left out of both sides.
     The loss (mean over the query tokens fitted) is backpropagated at once, chunk by chunk,
     into the indexer's weights only: its inputs are detached, so nothing else is touched and no
     n x n graph is kept. module.kl_every = n fits every n-th chunk of queries (a different
@@ -327,7 +352,8 @@ def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int |
                 loss = _kl_rows(p, logits, mask) / n_fit
                 loss.backward()
             total += loss.item()
-    torch.autograd.backward([index.q, index.w, index.k], [iq.grad, iw.grad, ik.grad])
+    if iq.grad is not None:  # else no query here had anything to choose
+        torch.autograd.backward([index.q, index.w, index.k], [iq.grad, iw.grad, ik.grad])
     index.module.last_kl = total
     return total
 
@@ -347,11 +373,12 @@ def _token_kl_terms(q, K, iq, iw, IK, first_pos, scale, selection):
 
 
 def _block_kl_terms(q, K, iq, iw, IK, first_pos, scale, bs, sel):
-    """The same over earlier blocks (own block excluded); None when no query has one."""
+    """The same over the blocks a query chooses among (candidate_blocks; the kept ones are left
+    out of both sides); None when no query here chooses any."""
     C = q.shape[0]
     e = first_pos + C
     own = torch.arange(first_pos, e, device=q.device) // bs
-    rows = own > 0
+    rows = own >= 3  # queries with a block to choose (not kept_blocks)
     if not rows.any():
         return None
     q, iq, iw, own = q[rows], iq[rows], iw[rows], own[rows]
@@ -360,18 +387,20 @@ def _block_kl_terms(q, K, iq, iw, IK, first_pos, scale, bs, sel):
     if sel is None:
         p, _ = attention_target(q, K[:e], scale, 0, positions=torch.arange(first_pos, e, device=q.device)[rows])
         p = p[:, :n_before * bs].reshape(-1, n_before, bs).sum(-1)
-        mask = torch.arange(n_before, device=q.device)[None, :] < own[:, None]
+        mask = candidate_blocks(own, n_before)
         logits = index_scores(iq, iw, Kb)
     else:
         sel = sel[rows]
+        n_kept = min(sel.shape[1], KEPT_BLOCKS)
         idx, valid = block_positions(sel, bs, torch.arange(first_pos, e, device=q.device)[rows])
-        p = selected_attention_target(q, K, idx, valid, scale).view(sel.shape[0], -1, bs).sum(-1)[:, 1:]
-        mask = sel[:, 1:] >= 0
-        keep = mask.any(1)
+        p = selected_attention_target(q, K, idx, valid, scale).view(sel.shape[0], -1, bs).sum(-1)[:, n_kept:]
+        chosen = sel[:, n_kept:]
+        mask = chosen >= 0
+        keep = mask.sum(1) >= 2  # a KL over one block is 0 whatever the scores
         if not keep.any():
             return None
-        p, mask, sel, iq, iw = p[keep], mask[keep], sel[keep], iq[keep], iw[keep]
-        s = torch.einsum("chd,ckd->chk", iq, Kb[sel[:, 1:].clamp(min=0)]).relu()
+        p, mask, chosen, iq, iw = p[keep], mask[keep], chosen[keep], iq[keep], iw[keep]
+        s = torch.einsum("chd,ckd->chk", iq, Kb[chosen.clamp(min=0)]).relu()
         logits = torch.einsum("ch,chk->ck", iw, s)
     p = p * mask
     return p / p.sum(-1, keepdim=True).clamp_min(1e-30), logits, mask

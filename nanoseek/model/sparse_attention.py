@@ -20,8 +20,8 @@ query each) use the per-query gather above.
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.indexer import (IndexerOutput, block_positions, fit_indexer, index_scores, pooled_keys,
-                                    recency_bias, select_blocks, select_topk)
+from nanoseek.model.indexer import (IndexerOutput, block_positions, candidate_blocks, fit_indexer, index_scores,
+                                    kept_blocks, pooled_keys, recency_bias, select_blocks, select_topk)
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
 GATHER_CHUNK = 64
@@ -309,11 +309,13 @@ def decode_blocks(iq, iw, IK, lens, topk: int, block: int):
     Kb = IK[:, :nb * block].reshape(B, nb, block, D).float().mean(2).to(IK.dtype)   # [B, nb, D_I]
     s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, 1, nb), iw.unsqueeze(1),
                       torch.bmm(iq, Kb.transpose(1, 2)).relu_()).squeeze(1)          # [B, nb]
-    s.masked_fill_(torch.arange(nb)[None, :] >= own[:, None], float("-inf"))
-    s.scatter_(1, own[:, None], float("inf"))                                          # own block first
-    top = s.topk(min(m, nb), dim=-1)
-    sel = top.indices.masked_fill_(top.values == float("-inf"), -1)
-    return block_positions(sel, block, lens - 1)
+    s.masked_fill_(~candidate_blocks(own, nb), float("-inf"))
+    kept = kept_blocks(own, m)
+    k = min(m - kept.shape[1], nb)
+    if k > 0:
+        top = s.topk(k, dim=-1, sorted=False)
+        kept = torch.cat([kept, top.indices.masked_fill_(top.values == float("-inf"), -1)], 1)
+    return block_positions(kept, block, lens - 1)
 
 
 __all__ = ["sparse_attention", "attend_rows", "attend_blocks", "sparse_causal_attention", "attend_selected",
