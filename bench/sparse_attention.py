@@ -18,6 +18,9 @@ Times are wall clock and CPU time of the (single-threaded by default) process: o
 machine the CPU time is the comparable number; the plot shows it.
 Writes bench/results/sparse_<config>.json and .png.
 
+layers: with a converted model, one layer sparse at a time (the rest dense): where the
+perplexity is lost. Writes bench/results/sparse_layers<tag>.json.
+
 quality: converts SmolLM2-135M-Instruct (nanoseek.load) with the warm-up stage on Python's
 own documentation text (pydoc topics, first 80%), then compares held-out perplexity (last
 20%) at 2K/4K/8K and passkey retrieval at several depths, dense vs sparse. Writes
@@ -267,10 +270,37 @@ def quality(args):
     print(json.dumps({k: res[k] for k in ("setup", "ppl")}, indent=1))
 
 
+def layers(args):
+    """Which layers' selection costs the most: a converted model (--init) run with one layer
+    sparse at a time, the rest dense; held-out perplexity at --ctx against all-dense."""
+    import nanoseek
+    from nanoseek.checkpoint.hf import load_hf
+    from nanoseek.train.sparse_stages import indexers
+    torch.set_num_threads(args.threads)
+    _, tok = nanoseek.load(None, "bf16")
+    model = load_hf(args.init, "bf16")
+    _, held = text_tokens(tok)
+    ixs = indexers(model)
+    for ix in ixs:
+        ix.dense = True
+    base = perplexity(model, held, args.ctx, args.windows)
+    rows = []
+    for ix in ixs:
+        ix.dense = False
+        p = perplexity(model, held, args.ctx, args.windows)
+        ix.dense = True
+        rows.append(dict(layer=ix.layer_id, ppl=p, rel=(p - base) / base))
+        print(f"layer {ix.layer_id}: {100 * rows[-1]['rel']:+.2f}%", file=sys.stderr, flush=True)
+    out = RESULTS / f"sparse_layers{args.tag}.json"
+    out.write_text(json.dumps(dict(init=args.init, ctx=args.ctx, windows=args.windows, dense_ppl=base, rows=rows),
+                              indent=1))
+    print(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("speed", "_one", "quality"):
+    for name in ("speed", "_one", "quality", "layers"):
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--topk", type=int, default=512)
@@ -287,6 +317,11 @@ def main():
         if name == "_one":
             s.add_argument("--mode", choices=["dense", "sparse"], required=True)
             s.add_argument("--n", type=int, required=True)
+        if name == "layers":
+            s.add_argument("--init", required=True, help="a converted model saved by quality --save")
+            s.add_argument("--ctx", type=int, default=4096)
+            s.add_argument("--windows", type=int, default=1)
+            s.add_argument("--tag", default="")
         if name == "quality":
             s.add_argument("--steps", type=int, default=40)
             s.add_argument("--seq-len", type=int, default=2048)
@@ -303,7 +338,7 @@ def main():
             s.add_argument("--eval-topk", type=int, default=None, help="top-k for the evaluation (default: trained)")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
-    {"speed": speed, "_one": one, "quality": quality}[args.cmd](args)
+    {"speed": speed, "_one": one, "quality": quality, "layers": layers}[args.cmd](args)
 
 
 if __name__ == "__main__":
