@@ -116,7 +116,8 @@ def test_admission_keeps_a_watermark_for_running_sequences(model):
     """A new prompt waits while admitting it would leave less than the watermark free; an idle
     engine admits what fits, so nothing waits forever."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    for watermark, admitted in ((0.25, False), (0.0, True)):  # 10 blocks, none
+    # 10 blocks; none (still one per running sequence); no reserve at all (the old rule)
+    for watermark, admitted in ((0.25, False), (0.0, True), (None, True)):
         eng = Engine(model, None, block_size=4, num_blocks=40, enable_prefix_caching=False, watermark=watermark)
         a = eng.add_request(prompts(1, seed=8, lo=20, hi=21)[0], params)   # 6 blocks with its first token
         eng.step()
@@ -124,6 +125,16 @@ def test_admission_keeps_a_watermark_for_running_sequences(model):
         eng.step()
         assert (len(eng.running) == 2) == admitted and len(eng.waiting) == (not admitted)
     eng.abort(a)
+    # 6 blocks a request: the 7th would leave 3 free for 7 running sequences. The 1% watermark
+    # (1 block) would let it in; the reserve of one block per running sequence does not.
+    for watermark, running in ((0.01, 6), (None, 7)):
+        tight = Engine(model, None, block_size=4, num_blocks=40, enable_prefix_caching=False, watermark=watermark)
+        tight.add_request(prompts(1, seed=8, lo=20, hi=21)[0], params)
+        tight.step()
+        for seed in range(10, 16):
+            tight.add_request(prompts(1, seed=seed, lo=20, hi=21)[0], params)
+        tight.step()
+        assert len(tight.running) == running and len(tight.waiting) == 7 - running
     big = Engine(model, None, block_size=4, num_blocks=40, enable_prefix_caching=False, watermark=0.5)
     big.add_request(prompts(1, seed=9, lo=100, hi=101)[0], params)
     big.step()
