@@ -28,10 +28,10 @@ Each query keeps its own block (causally masked inside), the one before it and t
 (KEPT_BLOCKS), and the indexer picks the top k/b - 3 of the other earlier blocks.
 Why: on a CPU the token-level form costs more than it saves. Its n x n scores, the top-k over
 them and k separate key rows gathered per query outweigh dense flash attention up to 64K. With
-blocks, the scores are n x n/b, and neighbouring queries mostly pick the same blocks, so a tile
-of queries gathers their union once and attends to it in two matmuls (sparse_attention.
-attend_blocks). The choice is still made per query: a query's output never depends on later
-tokens, and chunked prefill and decode select exactly what one-shot prefill does.
+blocks, the scores are n x n/b, and each chosen block is read once, contiguous, for all the
+queries that chose it (sparse_attention.attend_blocks). The choice is still made per query: a
+query's output never depends on later tokens, and chunked prefill and decode select exactly
+what one-shot prefill does.
 """
 
 from contextlib import nullcontext
@@ -218,10 +218,11 @@ def pooled_keys(IK, n_blocks: int, block: int):
 
 
 # Blocks every query keeps whatever its scores (block selection): its own, the one before it (a
-# local window of b..2b-1 keys) and the first (the attention sink at position 0). A mean key blurs
-# RoPE's fast frequencies, so the indexer can hardly learn recency from pooled keys. Yet nearly
-# every head needs recency: without these three, SmolLM2 converted at top-k 512 lost 10% ppl at
-# 2K (NSA keeps a sliding window, MoBA the current block, for the same reason).
+# local window of b..2b-1 keys) and the first (the attention sink at position 0). Nearly every
+# head needs these, and a mean key blurs RoPE's fast frequencies, so recency is hard to learn
+# from pooled keys. NSA keeps a sliding window and MoBA the current block for the same reason.
+# (For SmolLM2 the trained indexer had mostly learned to pick them anyway: keeping them moved
+# perplexity by less than a point; see docs/BENCHMARKS.md.)
 KEPT_BLOCKS = 3
 
 
@@ -276,14 +277,6 @@ def block_positions(sel, block: int, pos):
     idx = (sel.clamp(min=0)[:, :, None] * block + torch.arange(block, device=sel.device)).view(T, -1)
     valid = (sel >= 0).repeat_interleave(block, 1) & (idx <= pos[:, None])
     return idx, valid
-
-
-def select_keys(q, w, IK, start: int, topk: int, block: int):
-    """(idx, valid) of select_topk for any selection granularity: block ids expanded to keys."""
-    if block == 1:
-        return select_topk(q, w, IK, start, topk)
-    sel = select_blocks(q, w, IK, start, topk, block)
-    return block_positions(sel, block, torch.arange(start, start + q.shape[0], device=q.device))
 
 
 # ---- fitting the indexer to the main attention (DSA's two training stages) ------------------
