@@ -240,6 +240,10 @@ def quality(args):
         steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5, log=log)
     for ix in indexers(model):
         ix.to(torch.bfloat16)
+    if args.dense_layers:  # evaluate with these layers' attention dense (their indexers unused)
+        keep = {int(i) for i in args.dense_layers.split(",")}
+        for ix in indexers(model):
+            ix.dense = ix.layer_id in keep
     if args.eval_topk:  # evaluate with another top-k than the one trained with
         model.config.index_topk = args.eval_topk
         for ix in indexers(model):
@@ -249,10 +253,10 @@ def quality(args):
         model.save(args.save, tok)
     res = dict(setup=dict(model="SmolLM2-135M-Instruct bf16", index_heads=args.index_heads, index_dim=args.index_dim,
                           topk=model.config.index_topk, block_size=model.config.index_block_size, kl_every=args.kl_every,
-                          init=args.init, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+                          init=args.init, dense_layers=args.dense_layers, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           lr=args.lr, train_tokens=len(train), heldout_tokens=len(held), threads=args.threads),
                warmup=dict(seconds=train_s, kl_first=hist[0], kl_last=hist[-1], kl=hist), ppl={}, passkey=[])
-    for ctx in [int(c) for c in args.ppl_lengths.split(",")]:
+    for ctx in [int(c) for c in args.ppl_lengths.split(",") if c]:
         d = perplexity(dense, held, ctx, args.windows)
         s = perplexity(model, held, ctx, args.windows)
         res["ppl"][ctx] = dict(dense=d, sparse=s, rel=(s - d) / d)
@@ -336,6 +340,7 @@ def main():
             s.add_argument("--seed", type=int, default=0, help="training-window sampling seed")
             s.add_argument("--kl-every", type=int, default=1, help="fit every n-th chunk of 64 queries")
             s.add_argument("--eval-topk", type=int, default=None, help="top-k for the evaluation (default: trained)")
+            s.add_argument("--dense-layers", default=None, help="comma-separated layers evaluated dense")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
     {"speed": speed, "_one": one, "quality": quality, "layers": layers}[args.cmd](args)
