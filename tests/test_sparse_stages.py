@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from nanoseek.model.indexer import indexer_parameters
+from nanoseek.errors import NanoseekError
+from nanoseek.model.indexer import drop_indexers, indexer_parameters
 from nanoseek.train.sparse_stages import add_stage_args, indexer_warmup, indexers, set_stage, sparse_train, token_batches
 from tests.test_sparse_attention import VOCAB, dense_and_sparse, ids
 
@@ -109,6 +110,15 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
     assert m.config.index_topk == 8 and m.config.index_block_size == 4 and all(layer.self_attn.indexer is not None for layer in m.layers)
     with torch.no_grad():
         assert torch.isfinite(m(ids(1, 30))).all()
+    # a hybrid: layer 0 made dense again (its indexer dropped), saved without training
+    run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "sparse"), "--out",
+                            str(tmp_path / "hybrid"), "--dense-layers", "0"] + common + ["--steps", "0"]),
+              log=lambda s: None)
+    h = load_hf(tmp_path / "hybrid")
+    assert h.config.index_layers == [1] and h.layers[0].self_attn.indexer is None
+    assert h.layers[1].self_attn.indexer is not None
+    with pytest.raises(NanoseekError, match="layer 0 has no indexer"):
+        drop_indexers(h, [0])
 
 
 def test_kl_every_fits_a_rotating_subset_of_query_chunks():

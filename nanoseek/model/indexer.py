@@ -442,5 +442,22 @@ def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, l
     return model
 
 
+def drop_indexers(model, layers):
+    """Make `layers` dense again, in place: their indexers go, and cfg.index_layers lists the rest
+    (a hybrid: the layers whose selection costs most stay dense; see bench/sparse_attention.py
+    layers). Raises if a layer has no indexer."""
+    cfg = model.config
+    drop = {int(i) for i in layers}
+    for i in sorted(drop):
+        if not (0 <= i < cfg.n_layers) or model.layers[i].self_attn.indexer is None:
+            raise NanoseekError(f"--dense-layers: layer {i} has no indexer to drop")
+    for i in drop:
+        model.layers[i].self_attn.indexer = None
+    cfg.index_layers = [i for i in range(cfg.n_layers) if model.layers[i].self_attn.indexer is not None]
+    if not cfg.index_layers:
+        cfg.index_n_heads, cfg.index_layers = 0, None
+    return model
+
+
 def indexer_parameters(model):
     return [p for n, p in model.named_parameters() if ".indexer." in n]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.errors import NanoseekError
-from nanoseek.model.indexer import add_indexers, indexer_parameters
+from nanoseek.model.indexer import add_indexers, drop_indexers, indexer_parameters
 
 STAGES = ("indexer-warmup", "sparse")
 
@@ -190,6 +190,9 @@ def add_stage_args(p):
         help="select blocks of this many keys (1 = single keys, DSA as published; blocks are what "
              "makes sparse prefill faster than dense SDPA on a CPU)")
     add("--kl-every", type=int, default=1, help="fit the indexer on every n-th chunk of 64 queries (n x cheaper)")
+    add("--dense-layers", default=None,
+        help="comma-separated layers made dense again (their indexers dropped) before the stage runs; "
+             "with --steps 0 this only saves the hybrid")
     add("--steps", type=int, default=None)
     add("--lr", type=float, default=None, help="default: 1e-3 warm-up, 7.3e-6 sparse")
     add("--indexer-lr", type=float, default=1e-4, help="sparse stage: the indexers' lr")
@@ -244,6 +247,8 @@ def run_stage(args, log=None):
         model.config.index_topk = args.index_topk
         for ix in indexers(model):
             ix.topk = args.index_topk
+    if arg("dense_layers"):
+        drop_indexers(model, str(args.dense_layers).split(","))
     for ix in indexers(model):  # fp32 master weights: AdamW's small updates vanish in bf16
         ix.float()
         ix.kl_every = arg("kl_every", 1)
@@ -251,7 +256,8 @@ def run_stage(args, log=None):
     steps = arg("steps", 100)
     if stage == "indexer-warmup":
         hist = indexer_warmup(model, data, steps, arg("lr", 1e-3), log=log)
-        log(f"kl {hist[0]:.4f} -> {hist[-1]:.4f}")
+        if hist:
+            log(f"kl {hist[0]:.4f} -> {hist[-1]:.4f}")
     else:
         hist = sparse_train(model, data, steps, arg("lr", 7.3e-6), arg("indexer_lr", 1e-4), log=log)
     for ix in indexers(model):
