@@ -212,9 +212,10 @@ def select_topk(q, w, K, start: int, topk: int, chunk: int = QUERY_CHUNK):
 
 
 def pooled_keys(IK, n_blocks: int, block: int):
-    """The mean indexer key of each of the first n_blocks blocks of IK [>= n_blocks * block, D_I]."""
-    D = IK.shape[-1]
-    return IK[:n_blocks * block].reshape(n_blocks, block, D).float().mean(1).to(IK.dtype)
+    """The mean indexer key of each of the first n_blocks blocks of IK [..., >= n_blocks * block, D_I]
+    -> [..., n_blocks, D_I] (leading dims: a batch of sequences)."""
+    lead, D = IK.shape[:-2], IK.shape[-1]
+    return IK[..., :n_blocks * block, :].reshape(*lead, n_blocks, block, D).float().mean(-2).to(IK.dtype)
 
 
 # Blocks every query keeps whatever its scores (block selection): its own, the one before it (a
@@ -240,33 +241,44 @@ def candidate_blocks(own, n_blocks: int):
     return (j >= 1) & (j < own[:, None] - 1)
 
 
+def choose_blocks(s, own, m: int):
+    """Block scores s [C, n] of queries whose own blocks are own [C] -> their selection
+    [C, <= m]: kept_blocks, then the top-scoring candidate_blocks (-1 where none). s is masked
+    in place. Shared by prefill (select_blocks) and the paged cache's batched decode."""
+    kept = kept_blocks(own, m)
+    k = min(m - kept.shape[1], s.shape[1])
+    if k <= 0:
+        return kept
+    s.masked_fill_(~candidate_blocks(own, s.shape[1]), float("-inf"))
+    top = s.topk(k, dim=-1, sorted=False)
+    return torch.cat([kept, top.indices.masked_fill_(top.values == float("-inf"), -1)], 1)
+
+
 @torch.no_grad()
-def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024):
+def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024, pooled=None):
     """The selected blocks of T queries at positions start..start+T-1 (index_block_size > 1).
 
     q [T, H_I, D_I], w [T, H_I], IK [>= start + T, D_I] -> sel [T, topk // block]: block ids,
     first the kept ones (own, previous, first: kept_blocks), then the best of the other earlier
     blocks by I(t, j); -1 where there is no such block (a query with at most topk // block
-    blocks then sees all of them: dense attention).
+    blocks then sees all of them: dense attention). pooled: pooled_keys of IK already computed
+    (at least the blocks before the last query's own), for callers that select in chunks.
     """
     T = q.shape[0]
     m = topk // block
     own = torch.arange(start, start + T, device=q.device) // block
     sel = torch.full((T, m), -1, dtype=torch.long, device=q.device)
-    n_kept = min(m, KEPT_BLOCKS)
-    sel[:, :n_kept] = kept_blocks(own, m)
     n_before = int(own[-1])  # complete blocks before the last query's own block
-    k = min(m - n_kept, n_before)
-    if k <= 0 or n_before < 3:
+    if m <= KEPT_BLOCKS or n_before < 3:  # nothing to choose: only the kept blocks exist
+        kept = kept_blocks(own, m)
+        sel[:, :kept.shape[1]] = kept
         return sel
-    Kb = pooled_keys(IK, n_before, block)
+    Kb = pooled_keys(IK, n_before, block) if pooled is None else pooled[:n_before]
     bias = recency_bias(n_before, q.dtype, q.device)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
-        s = selection_scores(q[a:b], w[a:b], Kb, bias)                            # [C, n_before]
-        s.masked_fill_(~candidate_blocks(own[a:b], n_before), float("-inf"))
-        top = s.topk(k, dim=-1, sorted=False)
-        sel[a:b, n_kept:n_kept + k] = top.indices.masked_fill_(top.values == float("-inf"), -1)
+        chosen = choose_blocks(selection_scores(q[a:b], w[a:b], Kb, bias), own[a:b], m)
+        sel[a:b, :chosen.shape[1]] = chosen
     return sel
 
 

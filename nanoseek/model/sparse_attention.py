@@ -20,8 +20,8 @@ query each) use the per-query gather above.
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.indexer import (IndexerOutput, block_positions, candidate_blocks, fit_indexer, index_scores,
-                                    kept_blocks, pooled_keys, recency_bias, select_blocks, select_topk)
+from nanoseek.model.indexer import (IndexerOutput, block_positions, choose_blocks, fit_indexer, index_scores,
+                                    pooled_keys, recency_bias, select_blocks, select_topk)
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
 GATHER_CHUNK = 64
@@ -236,10 +236,12 @@ def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slo
     T = q.shape[0]
     out = None
     span = SELECT_BLOCK * (4 if block > 1 and K.shape[1] * K.shape[2] >= WIDE_ROW else 1)  # wide tiles want more queries
+    # the blocks' mean keys, once for all chunks (the last chunk needs every block before it)
+    pooled = pooled_keys(IK, (start + T - 1) // block, block) if block > 1 else None
     for a in range(0, T, span):
         b = min(a + span, T)
         if block > 1:
-            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block)
+            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block, pooled=pooled)
             o = attend_blocks(q[a:b], K, V, scale, v_dim, sel, start + a, block, slots)
         else:
             idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)
@@ -300,22 +302,15 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
 def decode_blocks(iq, iw, IK, lens, topk: int, block: int):
     """Block selection for B decode queries at positions lens - 1 over their padded indexer keys
     IK [B, W, D_I] -> key positions idx [B, m * block] and valid (select_blocks, batched)."""
-    B, W, D = IK.shape
+    B, W, _ = IK.shape
     if W % block:  # whole blocks (the padding is never a candidate: it lies at or after each own block)
         IK = torch.nn.functional.pad(IK, (0, 0, 0, block - W % block))
-    m = topk // block
     own = (lens - 1) // block
     nb = IK.shape[1] // block
-    Kb = IK[:, :nb * block].reshape(B, nb, block, D).float().mean(2).to(IK.dtype)   # [B, nb, D_I]
+    Kb = pooled_keys(IK, nb, block)                                                   # [B, nb, D_I]
     s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, 1, nb), iw.unsqueeze(1),
                       torch.bmm(iq, Kb.transpose(1, 2)).relu_()).squeeze(1)          # [B, nb]
-    s.masked_fill_(~candidate_blocks(own, nb), float("-inf"))
-    kept = kept_blocks(own, m)
-    k = min(m - kept.shape[1], nb)
-    if k > 0:
-        top = s.topk(k, dim=-1, sorted=False)
-        kept = torch.cat([kept, top.indices.masked_fill_(top.values == float("-inf"), -1)], 1)
-    return block_positions(kept, block, lens - 1)
+    return block_positions(choose_blocks(s, own, topk // block), block, lens - 1)
 
 
 __all__ = ["sparse_attention", "attend_rows", "attend_blocks", "sparse_causal_attention", "attend_selected",
