@@ -4,7 +4,7 @@
     python bench/quant.py --model DIR_OR_GGUF --docs 50 --out bench/results
     python bench/quant.py --model runs/speedrun/sft --out bench/results   # the speedrun's model
 
-For each of fp32, bf16, int8, int8-dynamic, fp8 the parent process writes a checkpoint (quantized
+For each of fp32, bf16, int8, int8-dynamic, int4, fp8 the parent process writes a checkpoint (quantized
 from the fp32 weights, embeddings included unless --keep-embeddings) and measures:
   - file size of the safetensors;
 in a fresh process per model, one after the other, so the memory is that model's alone:
@@ -17,7 +17,7 @@ in a fresh process per model, one after the other, so the memory is that model's
     as --gsm8k-format (nanoseek eval's formats), generated batched through the engine
     (nanoseek.LLM) and scored by nanoseek.eval.gsm8k (strict-match and flexible-extract);
   - any --metric NAME=module:function, called as function(model, tokenizer) -> float;
-and in one process holding all five models, timed in interleaved rounds:
+and in one process holding all six models, timed in interleaved rounds:
   - batch-1 decode tokens/s (greedy, dense KV cache, --decode-tokens after a 32-token prompt);
   - prefill tokens/s (512 tokens, KV cache written, logits of the last position).
 The machine is shared and its load drifts over minutes: interleaving makes every precision see
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.eval.gsm8k import FORMATS as GSM8K_FORMATS  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "fp8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4", "fp8")
 DEFAULT_DATA = "/work/shared/data/gsm8k/test.jsonl"
 DEFAULT_DOCS = 50  # GSM8K test documents for perplexity
 # SmolLM2-135M-Instruct scored 0/10 at bf16 both ways (5-shot `gsm8k`: 70 s for 10 problems;

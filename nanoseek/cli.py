@@ -17,7 +17,7 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="GGUF file, HF checkpoint dir or repo id (default: embedded SmolLM2-135M-Instruct)")
     from nanoseek.loading import LOAD_PRECISIONS
     p.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
-                   help="fp32 | bf16, or quantized on load: int8 | int8-dynamic | fp8 (default: bf16)")
+                   help="fp32 | bf16, or quantized on load: int8 | int8-dynamic | int4 | fp8 (default: bf16)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):

@@ -19,8 +19,8 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
     path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
     Hugging Face repo id (downloaded when a network allows), or None for the embedded
     default (SmolLM2-135M-Instruct). precision: fp32 | bf16, or a quantization scheme
-    (int8 | int8-dynamic | fp8: quantized on load, computing in bf16; int8 includes the
-    embeddings and lm_head). A checkpoint whose
+    (int8 | int8-dynamic | int4 | fp8: quantized on load, computing in bf16; int8 and int4
+    include the embeddings and lm_head). A checkpoint whose
     config.json has a quantization_config loads quantized whatever the precision.
     adapter: a LoRA adapter dir (PEFT format), merged into the weights in fp32 before the
     cast / quantization, so the fine-tune serves at the base model's speed.

@@ -72,6 +72,25 @@ def test_config_and_weights_run_in_transformers(smollm, reference):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_int4_load_keeps_the_q4_1_grid(smollm):
+    """Every Q4_1 projection loaded as int4 comes back on its own grid: the int4 weights equal
+    the GGUF's dequantised ones (fp32 rounding aside), so `--precision int4` adds no error to a
+    Q4_1 file; token_embd (Q8_0 there) becomes int8, as lm_head."""
+    import nanoseek
+    from nanoseek.quant.convert import float_weight
+    from nanoseek.quant.layers import Int4Linear, Int8Embedding
+    model, _ = nanoseek.load(smollm2_gguf_path(), "int4")
+    _, tensors, _ = smollm
+    for layer in (0, 29):
+        for ours, theirs in (("self_attn.q_proj", "attn_q"), ("mlp.down_proj", "ffn_down")):
+            m = model.get_submodule(f"layers.{layer}.{ours}")
+            want = torch.as_tensor(tensors[f"model.layers.{layer}.{ours}.weight"]).float()
+            assert isinstance(m, Int4Linear)
+            assert (float_weight(m) - want).abs().max() <= 1e-6 * want.abs().max(), (layer, ours, theirs)
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.lm_head.qweight is model.embed_tokens.qweight
+
+
 def test_tokenizer_comes_along(smollm):
     _, _, tokenizer = smollm
     assert tokenizer.vocab_size == 49152

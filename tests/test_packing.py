@@ -82,14 +82,23 @@ def test_packed_model_saves_and_reloads(tmp_path):
     assert torch.equal(again(x), model(x)) or (again(x) - model(x)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
 @torch.no_grad()
-def test_int8_projections_pack_exactly(tmp_path):
+def test_quantized_projections_pack_exactly(tmp_path, scheme):
     make_llama(tmp_path / "m")
-    plain = quantize_model(load_hf(tmp_path / "m"), "int8", dtype=torch.float32).eval()
+    plain = quantize_model(load_hf(tmp_path / "m"), scheme, dtype=torch.float32).eval()
     packed = copy.deepcopy(plain)
     assert pack_projections(packed) > 0
     x = ids()
     assert (packed(x) - plain(x)).abs().max() < 1e-5
+    # bf16, one token: int4's CPU kernel runs, on the packed q/k/v and gate/up too
+    plain = quantize_model(load_hf(tmp_path / "m"), scheme).eval()
+    packed = copy.deepcopy(plain)
+    pack_projections(packed)
+    one = torch.tensor([[3]])
+    assert (packed(one) - plain(one)).abs().max() < 0.02 * plain(one).abs().max()
+    if scheme == "int4":
+        assert packed.layers[0].mlp.packed.quant._kernel is not None and plain.layers[0].mlp.up_proj._kernel is not None
     packed.save(tmp_path / "q")  # the quantized checkpoint too
     assert (tmp_path / "q" / "model.safetensors").is_file()
 

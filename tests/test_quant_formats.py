@@ -1,12 +1,12 @@
-"""INT8 and FP8 codecs and matmuls: error bounds, odd shapes, kernel paths, batch invariance."""
+"""INT8, INT4 and FP8 codecs and matmuls: error bounds, odd shapes, kernel paths, batch invariance."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
-from nanoseek.quant import int8
-from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
+from nanoseek.quant import int4, int8
+from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int4Linear, Int8Embedding, Int8Linear
 
 
 from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
@@ -113,3 +113,45 @@ def test_fp8_activation_groups_and_cpu_fallback():
     assert ((back.view(3, 256) - x).abs() <= x.abs() * 2**-4 + s.repeat_interleave(128, 1) * 2**-10).all()
     q, sw = quantize_fp8_blocks(weights(128, 256))
     assert fp8.gpu_block_mm(x, q, sw) is None
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (40, 32), (3, 160)])
+def test_int4_groups_error_at_most_half_a_step_and_the_grid_comes_back(shape):
+    """Round to nearest on each group's 16 levels between its min and max; re-quantizing the
+    dequantized weights gives the same q, scale and min (a Q4_1 GGUF's grid survives loading)."""
+    w = weights(*shape)
+    q, scale, lo = int4.quantize_groups(w)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == lo.shape == (shape[0], shape[1] // 32)
+    d = int4.dequantize(q, scale, lo)
+    step = scale.repeat_interleave(32, 1)
+    assert ((d - w).abs() <= step / 2 * 1.0001 + 1e-9).all()
+    assert (d[1:] - w[1:]).norm() / w[1:].norm() < 0.12  # 16 levels: ~8% on Gaussian weights
+    q2, scale2, lo2 = int4.quantize_groups(d)
+    assert torch.equal(q2, q) and torch.allclose(scale2, scale, rtol=1e-5) and torch.allclose(lo2, lo, atol=1e-7)
+    p = int4.pack_nibbles(q)
+    assert p.shape == (shape[0], shape[1] // 2) and torch.equal(int4.unpack_nibbles(p), q)
+    assert torch.equal(p[:, 0] & 0xF, q[:, 0]) and torch.equal(p[:, 0] >> 4, q[:, 1])  # column 2i low, 2i+1 high
+    with pytest.raises(ValueError, match="K=40 is not a multiple of the group size 32"):
+        int4.quantize_groups(weights(4, 40))
+
+
+@pytest.mark.parametrize("n", [64, 40])
+def test_int4_linear_kernel_and_dequantised_paths_agree(n):
+    """The CPU int4 kernel (M <= KERNEL_MAX_M, N a multiple of 16) and the dequantise + GEMM
+    path (more rows; N = 40 never uses the kernel) both compute x @ w^T in bf16 and fp32."""
+    lin = Int4Linear.from_float(weights(n, 96), bias=torch.randn(n))
+    ref_w = int4.dequantize(int4.unpack_nibbles(lin.qweight), lin.weight_scale, lin.weight_min)  # fp32
+    for M in (1, 4, 5, 17):
+        kernel = 2 * M <= int4.KERNEL_MAX_M and n % 16 == 0
+        for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 2e-3 if kernel else 1e-5)):
+            x = torch.randn(2, M, 96)
+            ref = x @ ref_w.t() + lin.bias.float()
+            lin.dtype = dtype
+            out = lin(x.to(dtype))
+            assert out.dtype == dtype and out.shape == (2, M, n)
+            assert (out.float() - ref).abs().max() / ref.abs().max() < tol, (M, dtype)
+    assert (lin._kernel is not None) == (n % 16 == 0)  # built lazily, only where the kernel runs
+    x = torch.randn(1, 96).bfloat16()
+    before = lin(x)
+    lin.qweight = int4.pack_nibbles(15 - int4.unpack_nibbles(lin.qweight))  # a replaced weight is noticed
+    assert not torch.equal(lin(x), before)

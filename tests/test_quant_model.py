@@ -14,14 +14,14 @@ from nanoseek.checkpoint.hf import load_hf
 from nanoseek.errors import NanoseekError
 from nanoseek.model.kv_cache import DenseKVCache
 from nanoseek.quant import QuantizedTransformer, quantize_model
-from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
+from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int4Linear, Int8Embedding, Int8Linear
 from nanoseek.sampling import SamplingParams
 from tests.tiny_models import VOCAB, make_deepseek_v3, make_llama, make_qwen2
 
 # Relative L2 error of the logits vs the fp32 model, on these tiny random models. For scale:
 # plain bf16 is ~0.006 here. INT8 adds ~0.01-0.02, FP8 (3 mantissa bits) ~0.03-0.05; with the
 # embedding table and lm_head quantized too, errors grow by about half.
-LOGIT_TOL = {"int8": 0.03, "int8-dynamic": 0.03, "fp8": 0.07}
+LOGIT_TOL = {"int8": 0.03, "int8-dynamic": 0.03, "int4": 0.12, "fp8": 0.07}
 
 MAKERS = {"llama": make_llama, "qwen2-tied": make_qwen2, "deepseek_v3": make_deepseek_v3}
 
@@ -48,7 +48,7 @@ def ids(n=19, seed=0):
 
 
 @pytest.mark.parametrize("arch", list(MAKERS))
-@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4", "fp8"])
 @pytest.mark.parametrize("embeddings", [False, True], ids=["emb-bf16", "emb-quant"])
 @torch.no_grad()
 def test_quantize_save_load_round_trip(sources, tmp_path, arch, scheme, embeddings):
@@ -70,8 +70,10 @@ def test_quantize_save_load_round_trip(sources, tmp_path, arch, scheme, embeddin
     back = load_hf(tmp_path, "bf16")
     assert isinstance(back, QuantizedTransformer) and back.quant_scheme == scheme
     assert torch.equal(back(x), out)  # bit for bit: the file holds exactly what was in memory
-    lin = (Fp8Linear if scheme == "fp8" else Int8Linear)
-    assert isinstance(back.layers[0].self_attn.o_proj, lin)
+    lin = {"fp8": Fp8Linear, "int4": Int4Linear}.get(scheme, Int8Linear)
+    # int4 needs K in groups of 32: DeepSeek's o_proj (K = 4 heads x 12) falls back to int8
+    o_lin = Int8Linear if scheme == "int4" and arch == "deepseek_v3" else lin
+    assert isinstance(back.layers[0].self_attn.o_proj, o_lin)
     emb = (Fp8Embedding if scheme == "fp8" else Int8Embedding) if embeddings else torch.nn.Embedding
     assert type(back.embed_tokens) is emb
     if back.config.tie_embeddings and embeddings:
@@ -157,11 +159,11 @@ def test_load_with_a_quantization_precision(sources, tmp_path):
     assert torch.equal(again.layers[1].mlp.down_proj.qweight, model.layers[1].mlp.down_proj.qweight)
     fp8, _ = nanoseek.load(tmp_path, "fp8")  # int8 -> dequantise -> fp8
     assert isinstance(fp8.layers[1].mlp.down_proj, Fp8Linear)
-    with pytest.raises(NanoseekError, match="'int4'"):
-        nanoseek.load(sources["llama"], "int4")
+    with pytest.raises(NanoseekError, match="'int3'"):
+        nanoseek.load(sources["llama"], "int3")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @torch.no_grad()
 def test_engine_generates_with_quantized_model(sources, scheme):
     """Greedy decoding through the paged engine (MLA's absorbed path reads kv_b_proj.weight,
@@ -187,7 +189,9 @@ def test_bad_checkpoints_name_the_field(sources, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     for qc, field in (({"quant_method": "awq"}, "quant_method"),
                       ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "weight_block_size"),
-                      ({"quant_method": "nanoseek", "scheme": "int4"}, "scheme")):
+                      ({"quant_method": "nanoseek", "scheme": "int2"}, "scheme"),
+                      ({"quant_method": "nanoseek", "scheme": "int4", "weights": {"group_size": 64}},
+                       "weights.group_size")):
         cfg_path.write_text(json.dumps({**cfg, "quantization_config": qc}))
         with pytest.raises(NanoseekError, match=f"config.json: quantization_config.{field}"):
             load_hf(tmp_path)

@@ -9,14 +9,18 @@ original modules' tensors views of the stack, so:
   - anything that swaps a module or its tensor (LoRA wrapping q_proj, quantize_model, a
     dtype cast) is noticed on the next forward, which then runs the plain modules;
   - with autograd on (training) the plain modules run, so gradients reach their Parameters.
-Works for nn.Linear and Int8Linear (rows and their per-row scales stack exactly).
+Works for nn.Linear, Int8Linear and Int4Linear (rows and their per-row or per-group scales
+stack exactly).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.quant.layers import Int8Linear
+from nanoseek.quant.layers import Int4Linear, Int8Linear
+
+# the per-row tensors a quantized module holds beside its weight, stacked with it
+ROW_TENSORS = {Int8Linear: ("weight_scale",), Int4Linear: ("weight_scale", "weight_min")}
 
 
 def _tensor(m):
@@ -33,18 +37,22 @@ class Packed:
         self.sizes = [m.out_features for m in modules]
         ws = [_tensor(m) for m in modules]
         bias = _cat_bias(modules)
-        if isinstance(modules[0], Int8Linear):
-            self.int8 = Int8Linear(torch.cat([w.data for w in ws]), torch.cat([m.weight_scale for m in modules]),
-                                   bias, modules[0].dynamic, modules[0].dtype)
-            self.weight, self.bias = self.int8.qweight, self.int8.bias
+        kind, m0 = type(modules[0]), modules[0]
+        rows = ROW_TENSORS.get(kind, ())
+        stacked = [torch.cat([w.data for w in ws])] + [torch.cat([getattr(m, r) for m in modules]) for r in rows]
+        if kind is Int8Linear:
+            self.quant = Int8Linear(*stacked, bias, m0.dynamic, m0.dtype)
+        elif kind is Int4Linear:
+            self.quant = Int4Linear(*stacked, bias, m0.dtype)
         else:
-            self.int8, self.weight, self.bias = None, torch.cat([w.data for w in ws]), bias
+            self.quant = None
+        self.weight, self.bias = (stacked[0], bias) if self.quant is None else (self.quant.qweight, self.quant.bias)
         # the modules' tensors become views of the stack (same Parameter objects: optimizers keep theirs)
         a = 0
         for m, w, n in zip(modules, ws, self.sizes):
             w.data = self.weight[a:a + n]
-            if self.int8 is not None:
-                m.weight_scale = self.int8.weight_scale[a:a + n]
+            for r in rows:
+                setattr(m, r, getattr(self.quant, r)[a:a + n])
             if m.bias is not None:
                 m.bias.data = self.bias[a:a + n]
             a += n
@@ -58,7 +66,7 @@ class Packed:
             m is p and _tensor(m).data_ptr() == ptr for m, p, ptr in zip(modules, self.modules, self.ptrs))
 
     def __call__(self, x):
-        return self.int8(x) if self.int8 is not None else F.linear(x, self.weight, self.bias)
+        return self.quant(x) if self.quant is not None else F.linear(x, self.weight, self.bias)
 
 
 def _cat_bias(modules):
@@ -67,13 +75,16 @@ def _cat_bias(modules):
 
 def packable(modules) -> bool:
     kinds = {type(m) for m in modules}
-    if len(kinds) != 1 or kinds.pop() not in (nn.Linear, Int8Linear):
+    if len(kinds) != 1 or kinds.pop() not in (nn.Linear, Int8Linear, Int4Linear):
         return False
     w = [_tensor(m) for m in modules]
     same = all(t.dtype == w[0].dtype and t.device == w[0].device and t.shape[1] == w[0].shape[1] for t in w)
     same = same and len({m.bias is None for m in modules}) == 1  # all biased (Qwen2's q/k/v) or none
-    if isinstance(modules[0], Int8Linear):
-        same = same and all(m.dynamic == modules[0].dynamic and m.dtype == modules[0].dtype for m in modules)
+    if isinstance(modules[0], (Int8Linear, Int4Linear)):
+        same = same and all(getattr(m, "dynamic", None) == getattr(modules[0], "dynamic", None)
+                            and m.dtype == modules[0].dtype for m in modules)
+    if isinstance(modules[0], Int4Linear):  # the same groups along K
+        same = same and all(m.weight_scale.shape[1] == modules[0].weight_scale.shape[1] for m in modules)
     return same
 
 

@@ -10,6 +10,13 @@ INT8 (nanoseek's own; transformers has no loader for it):
     <module>.weight            int8 [N, K]
     <module>.weight_scale      float32 [N, 1]        (weight ~= int8 * scale, per output channel)
     "quantization_config": {"quant_method": "nanoseek", "scheme": "int8" | "int8-dynamic", ...}
+INT4 (nanoseek's own; ggml's Q4_1 grid, nanoseek/quant/int4.py):
+    <module>.weight            uint8 [N, K/2]        (two 4-bit weights per byte, column 2i low)
+    <module>.weight_scale      float32 [N, K/32]
+    <module>.weight_min        float32 [N, K/32]     (weight ~= q * scale + min, per group of 32)
+    "quantization_config": {"quant_method": "nanoseek", "scheme": "int4", ...}
+    Embeddings and lm_head, and any projection whose K is not a multiple of 32, are INT8 in the
+    same checkpoint (as a Q4_1 GGUF keeps token_embd in Q8_0).
 Everything else (norms, router, biases, unquantized embeddings) is stored in the compute dtype.
 Which modules are quantized is read off the tensors (an int8/fp8 weight with its scale), so
 embeddings quantized or not need no extra config field.
@@ -26,11 +33,13 @@ from nanoseek.checkpoint.fp8 import BLOCK
 from nanoseek.checkpoint.hf import PRECISIONS, atomic_write, build_model, hf_name, our_name, safetensors_files, standalone
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
+from nanoseek.quant import int4
 from nanoseek.quant.convert import QuantizedTransformer, as_quantized, dynamic_activations
-from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int8Embedding, Int8Linear
+from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int4Linear, Int8Embedding, Int8Linear
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 INT8_WEIGHTS = {"type": "int", "num_bits": 8, "symmetric": True, "strategy": "channel"}
+INT4_WEIGHTS = {"type": "int", "num_bits": 4, "symmetric": False, "strategy": "group", "group_size": int4.GROUP}
 INT8_TOKENS = {"type": "int", "num_bits": 8, "symmetric": True, "strategy": "token", "dynamic": True}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -38,7 +47,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 def quantization_config(scheme: str) -> dict:
     if scheme == "fp8":
         return dict(FP8_CONFIG)
-    return {"quant_method": "nanoseek", "scheme": scheme, "weights": INT8_WEIGHTS,
+    return {"quant_method": "nanoseek", "scheme": scheme, "weights": INT4_WEIGHTS if scheme == "int4" else INT8_WEIGHTS,
             "input_activations": INT8_TOKENS if scheme == "int8-dynamic" else None}
 
 
@@ -55,8 +64,13 @@ def scheme_of(qc: dict, source: str) -> str:
         return "fp8"
     if method == "nanoseek":
         scheme = qc.get("scheme")
-        if scheme not in ("int8", "int8-dynamic"):
-            raise NanoseekError(f"{source}: quantization_config.scheme={scheme!r} is not supported (have: int8, int8-dynamic)")
+        if scheme not in ("int8", "int8-dynamic", "int4"):
+            raise NanoseekError(f"{source}: quantization_config.scheme={scheme!r} is not supported "
+                                "(have: int8, int8-dynamic, int4)")
+        group = (qc.get("weights") or {}).get("group_size", int4.GROUP)
+        if scheme == "int4" and group != int4.GROUP:
+            raise NanoseekError(f"{source}: quantization_config.weights.group_size={group!r} is not supported "
+                                f"(have: {int4.GROUP})")
         return scheme
     raise NanoseekError(f"{source}: quantization_config.quant_method={method!r} is not supported (have: fp8, nanoseek)")
 
@@ -103,8 +117,18 @@ def read_tensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
     return out
 
 
-def check_scale(name: str, q: torch.Tensor, s: torch.Tensor, scheme: str, f: Path):
+def check_scale(name: str, q: torch.Tensor, s: torch.Tensor, scheme: str, f: Path, lo=None):
     N, K = q.shape
+    if lo is not None:  # int4: nibbles [N, K/2], scale and min [N, K/32]
+        if q.dtype != torch.uint8:
+            raise NanoseekError(f"{f}: tensor {name} is {q.dtype}, but an int4 weight (it has {name}_min) is uint8")
+        want = (N, 2 * K // int4.GROUP)
+        for t, suffix in ((s, "_scale"), (lo, "_min")):
+            if tuple(t.shape) != want or (2 * K) % int4.GROUP:
+                raise NanoseekError(f"{f}: {name}{suffix} has shape {tuple(t.shape)}, expected {want}")
+        return
+    if scheme == "int4":  # its int8 fallback projections
+        scheme = "int8"
     want_dtype = torch.float8_e4m3fn if scheme == "fp8" else torch.int8
     if q.dtype != want_dtype:
         raise NanoseekError(f"{f}: tensor {name} is {q.dtype}, but quantization_config says {scheme} ({want_dtype})")
@@ -113,12 +137,16 @@ def check_scale(name: str, q: torch.Tensor, s: torch.Tensor, scheme: str, f: Pat
         raise NanoseekError(f"{f}: {name}{scale_suffix(scheme)} has shape {tuple(s.shape)}, expected {want}")
 
 
-def make_module(name: str, old, q, s, scheme: str, dtype, f: Path):
+def make_module(name: str, old, q, s, scheme: str, dtype, f: Path, lo=None):
     if isinstance(old, torch.nn.Embedding):
+        if lo is not None:
+            raise NanoseekError(f"{f}: {hf_name(name)}.weight is int4, but embeddings are int8 in an int4 checkpoint")
         return Fp8Embedding(q, s, dtype) if scheme == "fp8" else Int8Embedding(q, s, dtype)
     if not isinstance(old, torch.nn.Linear):
         raise NanoseekError(f"{f}: {hf_name(name)}.weight is quantized, but {type(old).__name__} modules cannot be")
     bias = old.bias
+    if lo is not None:
+        return Int4Linear(q, s, lo, bias, dtype)
     if scheme == "fp8":
         return Fp8Linear(q, s, bias, dtype)
     return Int8Linear(q, s, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
@@ -138,23 +166,29 @@ def load_quantized(path, cfg: ModelConfig, qconfig: dict, precision: str = "bf16
     for name, (t, f) in tensors.items():
         if name.endswith(suffix) and name.removesuffix(suffix) in tensors:
             continue
+        if scheme == "int4" and name.endswith("_min") and name.removesuffix("_min") in tensors:
+            continue
         if name + suffix in tensors:
             s = tensors[name + suffix][0]
-            check_scale(name, t, s, scheme, f)
-            quantized[name] = (t, s, f)
-            t = torch.empty(t.shape, device="meta")  # shape-checked by build_model, replaced below
-        elif t.dtype in (torch.int8, torch.float8_e4m3fn):
+            lo = tensors[name + "_min"][0] if scheme == "int4" and name + "_min" in tensors else None
+            check_scale(name, t, s, scheme, f, lo)
+            quantized[name] = (t, s, f, lo)
+            shape = t.shape if lo is None else (t.shape[0], 2 * t.shape[1])
+            t = torch.empty(shape, device="meta")  # shape-checked by build_model, replaced below
+        elif t.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn):
             raise NanoseekError(f"{f}: tensor {name} is {t.dtype} but has no {name + suffix}")
         plain.append((name, t, f))
     model = build_model(cfg, plain, precision, source)
-    for name, (q, s, f) in quantized.items():
+    for name, (q, s, f, lo) in quantized.items():
         key = our_name(name, cfg.n_layers)
         if key is None or (cfg.tie_embeddings and key == "lm_head.weight"):
             continue
         module = key.removesuffix(".weight")
-        model.set_submodule(module, make_module(module, model.get_submodule(module), q, s, scheme, dtype, f))
+        model.set_submodule(module, make_module(module, model.get_submodule(module), q, s, scheme, dtype, f, lo))
     if cfg.tie_embeddings and not isinstance(model.embed_tokens, torch.nn.Embedding):
         emb = model.embed_tokens
-        model.lm_head = (Fp8Linear(emb.qweight, emb.weight_scale_inv, None, dtype) if scheme == "fp8" else
-                         Int8Linear(emb.qweight, emb.weight_scale, None, dynamic=False, dtype=dtype))
+        if scheme == "fp8":
+            model.lm_head = Fp8Linear(emb.qweight, emb.weight_scale_inv, None, dtype)
+        else:
+            model.lm_head = Int8Linear(emb.qweight, emb.weight_scale, None, dynamic=False, dtype=dtype)
     return as_quantized(model, scheme)

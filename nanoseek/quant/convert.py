@@ -12,11 +12,15 @@ from torch import nn
 
 from nanoseek.errors import NanoseekError
 from nanoseek.model.transformer import Transformer
-from nanoseek.quant import fp8, int8
+from nanoseek.quant import fp8, int4, int8
 from nanoseek.quant.layers import (QUANT_EMBEDDINGS, QUANT_LINEARS, QUANT_MODULES, Fp8Embedding, Fp8Linear,
-                                   Int8Embedding, Int8Linear)
+                                   Int4Linear, Int8Embedding, Int8Linear)
 
-SCHEMES = ("int8", "int8-dynamic", "fp8")
+SCHEMES = ("int8", "int8-dynamic", "int4", "fp8")
+
+# the module classes each scheme's weights live in (int8 and int8-dynamic share theirs)
+SCHEME_MODULES = {"int8": (Int8Linear, Int8Embedding), "int8-dynamic": (Int8Linear, Int8Embedding),
+                  "int4": (Int4Linear, Int8Embedding), "fp8": (Fp8Linear, Fp8Embedding)}
 
 
 class QuantizedTransformer(Transformer):
@@ -56,6 +60,12 @@ def dynamic_activations(scheme: str, name: str) -> bool:
 def quantized_linear(name: str, scheme: str, weight, bias, dtype) -> nn.Module:
     if scheme == "fp8":
         return Fp8Linear.from_float(weight, bias, dtype)
+    if scheme == "int4":
+        # lm_head stays int8, as the embeddings (the logits feed sampling; a Q4_1 GGUF keeps
+        # its output matrix in 8 bits too), and so does a K that int4's groups cannot tile
+        if name == "lm_head" or weight.shape[1] % int4.GROUP:
+            return Int8Linear.from_float(weight, bias, dtype=dtype)
+        return Int4Linear.from_float(weight, bias, dtype)
     return Int8Linear.from_float(weight, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
 
 
@@ -63,6 +73,8 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     """The fp32 matrix of a float or quantized module (not its compute-dtype `.weight`: no extra rounding)."""
     if isinstance(module, (Int8Linear, Int8Embedding)):
         return int8.dequantize_rows(module.qweight, module.weight_scale)
+    if isinstance(module, Int4Linear):
+        return int4.dequantize(int4.unpack_nibbles(module.qweight), module.weight_scale, module.weight_min)
     if isinstance(module, (Fp8Linear, Fp8Embedding)):
         return fp8.dequantize(module.qweight, module.weight_scale_inv, torch.float32)
     return module.weight.float()
@@ -113,11 +125,10 @@ def quantize_model(model: Transformer, scheme: str, quantize_embeddings: bool = 
     cfg = model.config
     for name in targets(model, quantize_embeddings):
         old = model.get_submodule(name)
-        if isinstance(old, (Int8Linear, Int8Embedding)) and scheme != "fp8":
+        if isinstance(old, SCHEME_MODULES[scheme]) or (scheme == "int4" and name == "lm_head"
+                                                        and isinstance(old, Int8Linear)):
             if isinstance(old, Int8Linear):  # same weights: only the activation path differs
                 old.dynamic = dynamic_activations(scheme, name)
-            continue
-        if isinstance(old, (Fp8Linear, Fp8Embedding)) and scheme == "fp8":
             continue
         if name == "lm_head" and cfg.tie_embeddings:
             continue  # made from embed_tokens below

@@ -2,6 +2,7 @@
 
 Each module stores exactly what its checkpoint stores (`qweight` is written as `weight`):
     Int8Linear / Int8Embedding   qweight int8 [N, K]          weight_scale fp32 [N, 1]
+    Int4Linear                   qweight uint8 [N, K/2]       weight_scale, weight_min fp32 [N, K/32]
     Fp8Linear / Fp8Embedding     qweight float8_e4m3fn [N, K] weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]
 and offers `.weight`, the dequantised matrix in the compute dtype, for code that reads the
 matrix itself (MLA's absorbed decode path reads kv_b_proj.weight; error reports).
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.quant import fp8, int8
+from nanoseek.quant import fp8, int4, int8
 
 
 class Int8Linear(nn.Module):
@@ -63,6 +64,53 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids):
         return (self.qweight[ids].float() * self.weight_scale[ids]).to(self.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w^T + b, w in 4-bit groups (nanoseek/quant/int4.py). The CPU kernel's own packed
+    copy of the weight is made on the first call that can use it and kept beside the portable
+    nibbles (not saved; 0.5 byte/weight more memory, none more read per token)."""
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, weight_min: torch.Tensor,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("weight_scale", weight_scale.float().contiguous())
+        self.register_buffer("weight_min", weight_min.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self._kernel = None  # (source ptr, dtype, kernel tensors)
+
+    @classmethod
+    def from_float(cls, weight, bias=None, dtype=torch.bfloat16):
+        q, scale, lo = int4.quantize_groups(weight)
+        return cls(int4.pack_nibbles(q), scale, lo, bias, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return int4.dequantize(int4.unpack_nibbles(self.qweight), self.weight_scale, self.weight_min, self.dtype)
+
+    def kernel(self, x: torch.Tensor):
+        """The CPU kernel's weight for x's dtype, or None where it cannot run."""
+        if x.device.type != "cpu" or x.shape[0] > int4.KERNEL_MAX_M or not int4.kernel_usable(
+                self.out_features, self.in_features, self.in_features // self.weight_scale.shape[1]):
+            return None
+        k = self._kernel
+        if k is None or k[0] != self.qweight.data_ptr() or k[1] != x.dtype:  # rebuilt if the weight was replaced
+            k = self._kernel = (self.qweight.data_ptr(), x.dtype,
+                                int4.kernel_weight(self.qweight, self.weight_scale, self.weight_min, x.dtype))
+        return k[2]
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        y = int4.weight_only_mm(x2, self.qweight, self.weight_scale, self.weight_min, self.kernel(x2))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, int4 weight-only, groups of {int4.GROUP}"
 
 
 class Fp8Linear(nn.Module):
@@ -133,6 +181,6 @@ class Fp8Embedding(nn.Module):
         return (rows * scales[..., :self.embedding_dim]).to(self.dtype)
 
 
-QUANT_LINEARS = (Int8Linear, Fp8Linear)
+QUANT_LINEARS = (Int8Linear, Int4Linear, Fp8Linear)
 QUANT_EMBEDDINGS = (Int8Embedding, Fp8Embedding)
 QUANT_MODULES = QUANT_LINEARS + QUANT_EMBEDDINGS

@@ -54,7 +54,7 @@ class Server(uvicorn.Server):
 
 def build_app(args):
     """The app for parsed `nanoseek serve` arguments; it loads the model (at --precision,
-    quantized on load for int8 / int8-dynamic / fp8) on a thread once it starts."""
+    quantized on load for int8 / int8-dynamic / int4 / fp8) on a thread once it starts."""
     engine_kwargs = dict(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
                          kv_cache_gib=args.kv_cache_gib)
 
