@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,11 +58,11 @@ CONFIGS = {
 }
 
 
-def build(config, layers, topk, index_heads, index_dim, sparse, block=1):
+def build(config, layers, topk, index_heads, index_dim, sparse, block=1, groups=1):
     cfg = ModelConfig(**CONFIGS[config], n_layers=layers)
     model = Transformer(cfg).init_weights(seed=0).to(torch.bfloat16).eval()
     if sparse:
-        add_indexers(model, index_heads, index_dim, topk, block_size=block)
+        add_indexers(model, index_heads, index_dim, topk, block_size=block, groups=groups)
     return model
 
 
@@ -86,7 +87,7 @@ def one(args):
     """One measurement in this (fresh) process: prints a JSON line."""
     torch.set_num_threads(args.threads)
     model = build(args.config, args.layers, args.topk, args.index_heads, args.index_dim, args.mode == "sparse",
-                  args.block_size)
+                  args.block_size, args.index_groups)
     n = args.n
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -114,7 +115,7 @@ def one(args):
 
 def speed(args):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"sparse_{args.config}.json"
+    out = RESULTS / f"sparse_{args.config}{args.tag}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() and args.resume else []
     done = {(r["mode"], r["n"]) for r in rows}
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -122,8 +123,9 @@ def speed(args):
             if (mode, n) in done:
                 continue
             cmd = [sys.executable, __file__, "_one", "--mode", mode, "--n", str(n), "--config", args.config,
-                   "--layers", str(args.layers), "--topk", str(args.topk), "--block-size", str(args.block_size), "--index-heads", str(args.index_heads),
-                   "--index-dim", str(args.index_dim), "--threads", str(args.threads),
+                   "--layers", str(args.layers), "--topk", str(args.topk), "--block-size", str(args.block_size),
+                   "--index-heads", str(args.index_heads), "--index-dim", str(args.index_dim),
+                   "--index-groups", str(args.index_groups), "--threads", str(args.threads),
                    "--decode-steps", str(args.decode_steps)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -133,7 +135,8 @@ def speed(args):
             rows.append(row)
             print(json.dumps(row), flush=True)
             meta = dict(config=args.config, model=CONFIGS[args.config], layers=args.layers, topk=args.topk,
-                        index_heads=args.index_heads, index_dim=args.index_dim, threads=args.threads,
+                        index_heads=args.index_heads, index_dim=args.index_dim, index_groups=args.index_groups,
+                        block_size=args.block_size, threads=args.threads,
                         torch=torch.__version__)
             out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(out)
@@ -231,7 +234,8 @@ def quality(args):
         from nanoseek.checkpoint.hf import load_hf
         model = load_hf(args.init, "bf16")
     else:
-        add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size)
+        add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size,
+                     groups=args.index_groups)
     for ix in indexers(model):
         ix.float()  # fp32 master weights while training
         ix.kl_every = args.kl_every
@@ -252,7 +256,8 @@ def quality(args):
     if args.save:
         model.save(args.save, tok)
     res = dict(setup=dict(model="SmolLM2-135M-Instruct bf16", index_heads=args.index_heads, index_dim=args.index_dim,
-                          topk=model.config.index_topk, block_size=model.config.index_block_size, kl_every=args.kl_every,
+                          topk=model.config.index_topk, block_size=model.config.index_block_size,
+                          index_groups=model.config.index_groups, kl_every=args.kl_every,
                           init=args.init, dense_layers=args.dense_layers, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
                           lr=args.lr, train_tokens=len(train), heldout_tokens=len(held), threads=args.threads),
                warmup=dict(seconds=train_s, kl_first=hist[0], kl_last=hist[-1], kl=hist), ppl={}, passkey=[])
@@ -301,10 +306,66 @@ def layers(args):
     print(out)
 
 
+def oracle_attention(q, k, v, scale, v_dim, index, per_group=False, chunk=512):
+    """Block-sparse attention that chooses its blocks by the true dense attention mass (the
+    indexer's KL target) instead of the indexer's scores: the ceiling of block selection at
+    this top-k. per_group: each KV head's query group chooses its own blocks (as NSA does)."""
+    from nanoseek.model.indexer import choose_blocks
+    from nanoseek.model.sparse_attention import attend_blocks
+    B, T, H, Dk = q.shape
+    Hkv, bs = k.shape[2], index.block
+    m, nb = index.topk // bs, (T + bs - 1) // bs
+    groups = [(h * (H // Hkv), (h + 1) * (H // Hkv), h) for h in range(Hkv)] if per_group else [(0, H, None)]
+    out = q.new_empty(B, T, H, v_dim)
+    for b in range(B):
+        for h0, h1, g in groups:
+            K = k[b] if g is None else k[b, :, g:g + 1]
+            V = None if v is None else (v[b] if g is None else v[b, :, g:g + 1])
+            Kh = K.repeat_interleave((h1 - h0) // K.shape[1], 1)                     # [T, h, Dk]
+            for a in range(0, T, chunk):
+                e = min(a + chunk, T)
+                s = torch.einsum("thd,shd->hts", q[b, a:e, h0:h1].float(), Kh[:e].float()) * scale
+                s.masked_fill_(torch.arange(e)[None, None, :] > torch.arange(a, e)[None, :, None], float("-inf"))
+                mass = F.pad(s.softmax(-1).sum(0), (0, nb * bs - e)).view(e - a, nb, bs).sum(-1)
+                sel = choose_blocks(mass.log(), torch.arange(a, e) // bs, m)
+                out[b, a:e, h0:h1] = attend_blocks(q[b, a:e, h0:h1], K, V, scale, v_dim, sel, a, bs)
+    return out
+
+
+def oracle(args):
+    """Perplexity with blocks chosen by the true attention mass (shared, and per KV group):
+    what a perfect indexer would reach at this top-k and block size."""
+    import nanoseek
+    import nanoseek.model.attention as attention
+    torch.set_num_threads(args.threads)
+    model, tok = nanoseek.load(None, "bf16")
+    _, held = text_tokens(tok)
+    add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size)
+    dense_layers = {int(i) for i in args.dense_layers.split(",")} if args.dense_layers else set()
+    res = dict(topk=args.topk, block_size=args.block_size, dense_layers=args.dense_layers, windows=args.windows, ppl={})
+    real = attention.sparse_causal_attention
+    for ctx in [int(c) for c in args.ppl_lengths.split(",")]:
+        row = {}
+        for name, per_group in (("dense", None), ("shared", False), ("per_group", True)):
+            for ix in model.modules():
+                if getattr(ix, "kl_every", None) is not None:
+                    ix.dense = name == "dense" or ix.layer_id in dense_layers
+            attention.sparse_causal_attention = (lambda q, k, v, sc, vd, index, pg=per_group:
+                                                 oracle_attention(q, k, v, sc, vd, index, pg))
+            row[name] = perplexity(model, held, ctx, args.windows)
+            print(f"ppl@{ctx} {name}: {row[name]:.3f}", file=sys.stderr, flush=True)
+        attention.sparse_causal_attention = real
+        row.update({f"{n}_rel": (row[n] - row["dense"]) / row["dense"] for n in ("shared", "per_group")})
+        res["ppl"][ctx] = row
+        out = RESULTS / f"sparse_oracle{args.tag}.json"
+        out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("speed", "_one", "quality", "layers"):
+    for name in ("speed", "_one", "quality", "layers", "oracle"):
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--topk", type=int, default=512)
@@ -312,12 +373,14 @@ def main():
         s.add_argument("--index-dim", type=int, default=64)
         s.add_argument("--block-size", type=int, default=64, help="index block size (1 = token-level DSA)")
         if name in ("speed", "_one"):
+            s.add_argument("--index-groups", type=int, default=1, help="selections per layer (GQA: up to n_kv_heads)")
             s.add_argument("--config", choices=list(CONFIGS), default="mla")
             s.add_argument("--layers", type=int, default=2)
             s.add_argument("--decode-steps", type=int, default=5)
         if name == "speed":
             s.add_argument("--lengths", default="4096,8192,16384,32768")
             s.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
+            s.add_argument("--tag", default="", help="results file suffix: sparse_<config><tag>.json")
         if name == "_one":
             s.add_argument("--mode", choices=["dense", "sparse"], required=True)
             s.add_argument("--n", type=int, required=True)
@@ -325,6 +388,11 @@ def main():
             s.add_argument("--init", required=True, help="a converted model saved by quality --save")
             s.add_argument("--ctx", type=int, default=4096)
             s.add_argument("--windows", type=int, default=1)
+            s.add_argument("--tag", default="")
+        if name == "oracle":
+            s.add_argument("--windows", type=int, default=2)
+            s.add_argument("--ppl-lengths", default="2048,4096,8192")
+            s.add_argument("--dense-layers", default=None, help="comma-separated layers kept dense")
             s.add_argument("--tag", default="")
         if name == "quality":
             s.add_argument("--steps", type=int, default=40)
@@ -339,11 +407,12 @@ def main():
             s.add_argument("--init", default=None, help="continue from a converted model saved by --save")
             s.add_argument("--seed", type=int, default=0, help="training-window sampling seed")
             s.add_argument("--kl-every", type=int, default=1, help="fit every n-th chunk of 64 queries")
+            s.add_argument("--index-groups", type=int, default=1, help="selections per layer (3: one per KV head)")
             s.add_argument("--eval-topk", type=int, default=None, help="top-k for the evaluation (default: trained)")
             s.add_argument("--dense-layers", default=None, help="comma-separated layers evaluated dense")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()
-    {"speed": speed, "_one": one, "quality": quality, "layers": layers}[args.cmd](args)
+    {"speed": speed, "_one": one, "quality": quality, "layers": layers, "oracle": oracle}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class ModelConfig:
     # selection granularity: 1 = single keys (DSA as published); b > 1 = blocks of b consecutive
     # keys scored by their mean indexer key (the CPU-fast form, see nanoseek/model/indexer.py)
     index_block_size: int = 1
+    # selections per layer: 1 = one for all heads (DSA); g > 1 (GQA, blocks) = each of g groups of
+    # KV heads chooses its own blocks with its own head weights (NSA's per-group selection)
+    index_groups: int = 1
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, int):
@@ -81,6 +84,10 @@ class ModelConfig:
             (self.score_func in ("softmax", "sigmoid"), "score_func", f"must be softmax or sigmoid, got {self.score_func!r}"),
             (self.index_block_size >= 1 and self.index_topk % self.index_block_size == 0, "index_block_size",
              f"{self.index_block_size} must be >= 1 and divide index_topk={self.index_topk}"),
+            (self.index_groups == 1 or (self.attn_type == "gqa" and self.index_block_size > 1
+                                        and self.index_groups >= 1 and self.n_kv_heads % self.index_groups == 0),
+             "index_groups", f"{self.index_groups} must be 1, or divide n_kv_heads={self.n_kv_heads} "
+             f"(GQA with index_block_size > 1)"),
             (self.n_heads % max(self.n_kv_heads, 1) == 0, "n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}"),
             (self.n_routed_experts == 0 or self.n_routed_experts % self.n_group == 0, "n_group",
              f"{self.n_group} does not divide n_routed_experts={self.n_routed_experts}"),
@@ -192,7 +199,7 @@ class ModelConfig:
         if hf.get("index_n_heads"):  # DeepSeek-V3.2's sparse attention (any arch, when we wrote it)
             common.update(index_n_heads=hf["index_n_heads"], index_head_dim=hf.get("index_head_dim", 64),
                           index_topk=hf.get("index_topk", 2048), index_layers=hf.get("index_layers"),
-                          index_block_size=hf.get("index_block_size", 1))
+                          index_block_size=hf.get("index_block_size", 1), index_groups=hf.get("index_groups", 1))
         if hf.get("hidden_act", "silu") != "silu":
             raise NanoseekError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (silu only)")
         if arch in ("llama", "qwen2"):
@@ -233,7 +240,7 @@ class ModelConfig:
         if self.index_n_heads:
             hf.update(index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
                       index_topk=self.index_topk, index_layers=self.index_layers,
-                      index_block_size=self.index_block_size)
+                      index_block_size=self.index_block_size, index_groups=self.index_groups)
         if self.arch in ("llama", "qwen2"):
             if self.attn_type != "gqa" or self.is_moe:
                 raise NanoseekError(f"a {self.arch} checkpoint must be dense GQA; save with arch='deepseek_v3'")

@@ -26,15 +26,20 @@ CONFIGS = {
     "mla": dict(BASE, arch="deepseek_v3", attn_type="mla", q_lora_rank=0, kv_lora_rank=16,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True),
 }
+# the GQA model with per-group selection (each of its 2 KV heads chooses its own blocks)
+CONFIGS["gqa-groups"] = CONFIGS["gqa"]
+GROUPS = {"gqa-groups": 2}
 
 
 def dense_and_sparse(name, topk=None, layers=None, block=1):
     """A tiny model and its copy with indexers. Default top-k: 8 keys, or 5 blocks of 4 (3 kept,
     2 chosen), so that a 40-token input really selects."""
     topk = topk or (8 if block == 1 else 20)
+    if name in GROUPS and block == 1:
+        pytest.skip("per-group selection is for blocks")
     dense = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0).eval()
     sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1,
-                          block_size=block)
+                          block_size=block, groups=GROUPS.get(name, 1))
     return dense, sparse
 
 
@@ -124,9 +129,10 @@ def test_chunked_prefill_and_decode_equal_one_shot(name, block):
 
 
 @pytest.mark.parametrize("block", [1, 4])
-def test_main_attention_is_never_dense_when_sparse(monkeypatch, block):
+@pytest.mark.parametrize("name", ["gqa", "gqa-groups"])
+def test_main_attention_is_never_dense_when_sparse(monkeypatch, name, block):
     """The sparse path gathers the selected keys: no SDPA over the whole context anywhere."""
-    _, sparse = dense_and_sparse("gqa", block=block)
+    _, sparse = dense_and_sparse(name, block=block)
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -143,7 +149,7 @@ def test_only_listed_layers_get_an_indexer():
 
 
 @pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", ["gqa", "mla-qlora"])
+@pytest.mark.parametrize("name", ["gqa", "gqa-groups", "mla-qlora"])
 def test_engine_paged_sparse_equals_dense_cache_reference(name, block):
     _, sparse = dense_and_sparse(name, block=block)
     ps = [ids(1, n, seed=10 + n)[0].tolist() for n in (45, 9, 30, 60)]
@@ -169,12 +175,13 @@ def test_engine_paged_sparse_equals_dense_cache_reference(name, block):
         assert max(abs(a["logprob"] - b) for a, b in zip(o.outputs[0].logprobs, ref_lps)) < 1e-4
 
 
-def test_converted_model_saves_and_loads(tmp_path):
-    _, sparse = dense_and_sparse("mla-qlora", layers=[0], block=4)
+@pytest.mark.parametrize("name", ["mla-qlora", "gqa-groups"])
+def test_converted_model_saves_and_loads(tmp_path, name):
+    _, sparse = dense_and_sparse(name, layers=[0], block=4)
     sparse.save(tmp_path)
     again = load_hf(tmp_path)
     assert again.config.index_n_heads == 2 and again.config.index_layers == [0]
-    assert again.config.index_block_size == 4
+    assert again.config.index_block_size == 4 and again.config.index_groups == GROUPS.get(name, 1)
     x = ids(1, 30)
     with torch.no_grad():
         assert torch.equal(again(x), sparse(x))
@@ -252,3 +259,40 @@ def test_block_attention_over_chosen_blocks_matches_masked_dense(monkeypatch, ti
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                          scale=0.3, enable_gqa=True).transpose(0, 1)
     assert mask.sum(1).max() < T and (out - ref).abs().max().item() < 1e-5
+
+
+def test_per_group_block_attention_matches_masked_dense():
+    """With a selection per group, each group's query heads see exactly the keys of their own
+    group's blocks: attend_blocks equals masked dense SDPA run group by group; the groups really
+    choose differently."""
+    g = torch.Generator().manual_seed(0)
+    T, H, Hkv, D, bs, G = 37, 6, 2, 16, 4, 2
+    q, k, v = torch.randn(T, H, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, 12, generator=g)
+    iq, iw, IK = torch.randn(T, 2, 8, generator=g), torch.randn(T, G, 2, generator=g), torch.randn(T, 8, generator=g)
+    sel = select_blocks(iq, iw, IK, 0, 20, bs)  # 3 kept blocks and 2 chosen
+    assert sel.shape == (T, G, 5) and not torch.equal(sel[:, 0], sel[:, 1])
+    for grp in range(G):  # each group's selection is the one its own head weights make
+        assert torch.equal(sel[:, grp], select_blocks(iq, iw[:, grp], IK, 0, 20, bs))
+    out = attend_blocks(q, k, v, 0.3, 12, sel, 0, bs)
+    for grp in range(G):
+        idx, valid = block_positions(sel[:, grp], bs, torch.arange(T))
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        for t in range(T):
+            mask[t, idx[t][valid[t]]] = True
+        hs = slice(grp * H // G, (grp + 1) * H // G)
+        ref = F.scaled_dot_product_attention(q[:, hs].transpose(0, 1), k[:, grp:grp + 1].transpose(0, 1),
+                                             v[:, grp:grp + 1].transpose(0, 1), attn_mask=mask, scale=0.3,
+                                             enable_gqa=True).transpose(0, 1)
+        assert (out[:, hs] - ref).abs().max().item() < 1e-5
+
+
+def test_per_group_selection_needs_blocks_and_gqa():
+    from nanoseek.errors import NanoseekError
+    dense = Transformer(ModelConfig(**CONFIGS["gqa"])).init_weights(seed=0)
+    with pytest.raises(NanoseekError, match="model config field index_groups: 3 must be 1, or divide n_kv_heads=2"):
+        add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=20, block_size=4, groups=3)
+    with pytest.raises(NanoseekError, match="index_groups"):
+        add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=20, block_size=1, groups=2)
+    mla = Transformer(ModelConfig(**CONFIGS["mla"])).init_weights(seed=0)
+    with pytest.raises(NanoseekError, match="index_groups"):
+        add_indexers(mla, n_heads=2, head_dim=16, topk=20, block_size=4, groups=2)

@@ -22,9 +22,12 @@ def split(model):
     return [p for p in model.parameters() if id(p) in ix], [p for p in model.parameters() if id(p) not in ix]
 
 
-@pytest.mark.parametrize("block", [1, 4])
-def test_warmup_trains_only_the_indexer_and_lowers_the_kl(block):
-    dense, model = dense_and_sparse("gqa", topk=8, block=block)
+KINDS = [("gqa", 1), ("gqa", 4), ("gqa-groups", 4)]  # token-level, blocks, blocks chosen per KV group
+
+
+@pytest.mark.parametrize("name,block", KINDS)
+def test_warmup_trains_only_the_indexer_and_lowers_the_kl(name, block):
+    dense, model = dense_and_sparse(name, topk=8, block=block)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hist = indexer_warmup(model, batches(), steps=15, lr=2e-2, warmup_steps=2)
     assert hist[-1] < 0.8 * hist[0]
@@ -51,10 +54,10 @@ def test_warmup_gradients_reach_the_indexer_only():
     set_stage(model, None)
 
 
-@pytest.mark.parametrize("block", [1, 4])
-def test_sparse_stage_lm_loss_never_reaches_the_indexer(block):
+@pytest.mark.parametrize("name,block", KINDS)
+def test_sparse_stage_lm_loss_never_reaches_the_indexer(name, block):
     # blocks: 5 per query, 3 of them always kept, so that the KL over the two chosen is not trivially 0
-    _, model = dense_and_sparse("gqa", topk=8 if block == 1 else 20, block=block)
+    _, model = dense_and_sparse(name, topk=8 if block == 1 else 20, block=block)
     set_stage(model, "sparse")
     x = ids(2, 40)
     logits = model(x)  # the indexers' KL (over the selected keys) is backpropagated here

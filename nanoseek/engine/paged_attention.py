@@ -78,6 +78,7 @@ class PagedAttention:
             lens = self.decode_lens = torch.tensor(decode_lens)
             self.decode_valid = torch.arange(width * bs)[None, :] < lens[:, None]   # [B, L]: not padding
             self.decode_rows = torch.tensor(self.decode_rows)
+            self.single_len = decode_lens[0] if len(decode_lens) == 1 else 0
             # blocks every decoding sequence shares at the start of its table (a common prompt
             # prefix, from the prefix cache), before the block its new token goes to
             shared, limit = 0, min((n - 1) // bs for n in decode_lens) if len(decode_tables) >= FEW_SEQS else 0
@@ -102,8 +103,7 @@ class PagedAttention:
             ikc.view(-1, ikc.shape[-1])[self.slots] = index.k[0]
             if index.sparse_for(self.max_len):
                 return paged_sparse_attend(self, layer, q, scale, v_dim, index)
-        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
-        gqa = kc.shape[2] != q.shape[1]
+        out = None if self.all_decode else q.new_empty(q.shape[0], q.shape[1], v_dim)
         if len(self.decode_rows):
             B = len(self.decode_rows)
             Hkv = kc.shape[2]
@@ -112,10 +112,13 @@ class PagedAttention:
             qd = q if self.all_decode else q[self.decode_rows]                           # [B, H, Dk]
             if B < FEW_SEQS:
                 # the query heads of a group are the query rows of their one KV head: SDPA's
-                # fused kernel, and no head expansion of the cache (the latent is MLA's one head)
+                # fused kernel, and no head expansion of the cache (the latent is MLA's one head).
+                # One sequence needs no mask: its keys are cut to its length instead.
+                mask = None if self.single_len else self.decode_valid[:, None, None, :]
+                if self.single_len:
+                    K, V = K[:, :self.single_len], V[:, :self.single_len]
                 o = F.scaled_dot_product_attention(qd.view(B, Hkv, -1, qd.shape[-1]), K.transpose(1, 2),
-                                                   V.transpose(1, 2), attn_mask=self.decode_valid[:, None, None, :],
-                                                   scale=scale)                            # [B, Hkv, G, Dv]
+                                                   V.transpose(1, 2), attn_mask=mask, scale=scale)  # [B, Hkv, G, Dv]
             else:
                 # many sequences: SDPA with a mask runs its math path per sequence (10x slower at
                 # 32); two bmms over each sequence's rows of [Hkv * D] serve them all at once
@@ -139,6 +142,6 @@ class PagedAttention:
             # 4-D inputs: with 3-D ones SDPA silently takes its slow math path (8x slower here)
             o = F.scaled_dot_product_attention(q[row:row + new].transpose(0, 1)[None], K.transpose(0, 1)[None],
                                                V.transpose(0, 1)[None], attn_mask=mask, is_causal=cached == 0,
-                                               scale=scale, enable_gqa=gqa)
+                                               scale=scale, enable_gqa=kc.shape[2] != q.shape[1])
             out[row:row + new] = o[0].transpose(0, 1)
         return out.unsqueeze(0)

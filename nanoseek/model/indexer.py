@@ -32,6 +32,15 @@ blocks, the scores are n x n/b, and each chosen block is read once, contiguous, 
 queries that chose it (sparse_attention.attend_blocks). The choice is still made per query: a
 query's output never depends on later tokens, and chunked prefill and decode select exactly
 what one-shot prefill does.
+
+Per-group selection (index_groups g > 1, GQA with blocks; NSA selects per KV group the same
+way). One choice for all heads must cover every head's needs with the same few blocks; with
+groups, the KV heads are cut into g groups (with their query heads), and each group scores the
+blocks with its own head weights, I_g(t, j) = sum_h w_gh(t) * ReLU(q_h(t) . mean k(j)), and
+attends over its own top blocks. q_h and the keys are shared: only W_w grows (g * H_I outputs).
+Each group's KL target is the attention of its own heads. With a perfect selection (the true
+attention mass, bench/sparse_attention.py oracle), per-group choice cuts SmolLM2's perplexity
+cost at 512 keys by a quarter to two thirds; see docs/BENCHMARKS.md.
 """
 
 from contextlib import nullcontext
@@ -54,7 +63,7 @@ QUERY_CHUNK = 64
 class IndexerOutput:
     """What one layer's indexer computed for the tokens of this forward."""
     q: torch.Tensor        # [B, T, H_I, D_I]
-    w: torch.Tensor        # [B, T, H_I]
+    w: torch.Tensor        # [B, T, H_I], or [B, T, G, H_I] with index_groups G > 1
     k: torch.Tensor        # [B, T, D_I]   the keys a cache stores beside the main ones
     topk: int
     module: "Indexer"
@@ -62,6 +71,10 @@ class IndexerOutput:
     @property
     def block(self) -> int:
         return self.module.block
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups
 
     def sparse_for(self, n_keys: int) -> bool:
         """Does a query that sees n_keys keys attend sparsely? (False: plain dense attention.)"""
@@ -74,6 +87,7 @@ class Indexer(nn.Module):
         self.layer_id = layer_id
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.block = cfg.index_block_size
+        self.groups = cfg.index_groups
         self.rope_dim = min(cfg.rope_dim, self.head_dim // 2)
         pairs, own = cfg.rope_dim // 2, self.rope_dim // 2
         if self.rope_dim < 2 or pairs % own:
@@ -87,7 +101,7 @@ class Indexer(nn.Module):
             self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim)
-        self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False)
+        self.weights_proj = nn.Linear(cfg.dim, self.groups * self.n_heads, bias=False)
         self.weight_scale = (self.n_heads * self.head_dim) ** -0.5
         # Training switches, set by nanoseek/train/sparse_stages.py (inference never touches them):
         self.dense = False  # the main attention stays dense (the warm-up stage)
@@ -110,6 +124,8 @@ class Indexer(nn.Module):
             q = torch.cat([apply_rope(q[..., :r], cos, sin, False), q[..., r:]], dim=-1)
             k = torch.cat([apply_rope(k[..., :r].unsqueeze(2), cos, sin, False).squeeze(2), k[..., r:]], dim=-1)
             w = self.weights_proj(x) * self.weight_scale
+            if self.groups > 1:
+                w = w.view(B, T, self.groups, self.n_heads)
             q, w, k = q.to(dtype), w.to(dtype), k.to(dtype)
         return IndexerOutput(q, w, k, self.topk, self)
 
@@ -132,9 +148,13 @@ HEAD_SUM_GROUP = 16
 
 
 def selection_scores(q, w, K, bias):
-    """index_scores(q, w, K, bias) -> [C, L], computed as described above (no autograd)."""
+    """index_scores(q, w, K, bias) -> [C, L], computed as described above (no autograd).
+    w [C, G, H_I] (per-group selection) -> [C, G, L]: one row of scores per group."""
     C, H, D = q.shape
     L = K.shape[0]
+    if w.dim() == 3:  # block scores: L = n / b is short, no tiling needed
+        s = (q.reshape(C * H, D) @ K.T).view(C, H, L).relu_()
+        return torch.baddbmm(bias.expand(C, w.shape[1], L), w, s)
     G = HEAD_SUM_GROUP if C % HEAD_SUM_GROUP == 0 else 1
     Wbd = q.new_zeros(C // G, G, G, H)  # Wbd[n, i, j, h] = w[n*G + i, h] if i == j
     Wbd.diagonal(dim1=1, dim2=2).copy_(w.view(C // G, G, H).transpose(1, 2))
@@ -244,7 +264,11 @@ def candidate_blocks(own, n_blocks: int):
 def choose_blocks(s, own, m: int):
     """Block scores s [C, n] of queries whose own blocks are own [C] -> their selection
     [C, <= m]: kept_blocks, then the top-scoring candidate_blocks (-1 where none). s is masked
-    in place. Shared by prefill (select_blocks) and the paged cache's batched decode."""
+    in place. Shared by prefill (select_blocks) and the paged cache's batched decode.
+    s [C, G, n] (one row per group) -> [C, G, <= m]."""
+    if s.dim() == 3:
+        C, G, n = s.shape
+        return choose_blocks(s.view(C * G, n), own.repeat_interleave(G), m).view(C, G, -1)
     kept = kept_blocks(own, m)
     k = min(m - kept.shape[1], s.shape[1])
     if k <= 0:
@@ -263,22 +287,24 @@ def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024
     blocks by I(t, j); -1 where there is no such block (a query with at most topk // block
     blocks then sees all of them: dense attention). pooled: pooled_keys of IK already computed
     (at least the blocks before the last query's own), for callers that select in chunks.
+    w [T, G, H_I] (per-group selection) -> sel [T, G, topk // block], a selection per group.
     """
     T = q.shape[0]
     m = topk // block
     own = torch.arange(start, start + T, device=q.device) // block
-    sel = torch.full((T, m), -1, dtype=torch.long, device=q.device)
+    group_dims = w.shape[1:2] if w.dim() == 3 else ()
+    sel = torch.full((T, *group_dims, m), -1, dtype=torch.long, device=q.device)
     n_before = int(own[-1])  # complete blocks before the last query's own block
     if m <= KEPT_BLOCKS or n_before < 3:  # nothing to choose: only the kept blocks exist
         kept = kept_blocks(own, m)
-        sel[:, :kept.shape[1]] = kept
+        sel[..., :kept.shape[1]] = kept.view(T, *[1] * len(group_dims), -1)
         return sel
     Kb = pooled_keys(IK, n_before, block) if pooled is None else pooled[:n_before]
     bias = recency_bias(n_before, q.dtype, q.device)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         chosen = choose_blocks(selection_scores(q[a:b], w[a:b], Kb, bias), own[a:b], m)
-        sel[a:b, :chosen.shape[1]] = chosen
+        sel[a:b, ..., :chosen.shape[-1]] = chosen
     return sel
 
 
@@ -329,38 +355,47 @@ def fit_indexer(index: IndexerOutput, q, k, scale, selections=None, chunk: int |
     into the indexer's weights only: its inputs are detached, so nothing else is touched and no
     n x n graph is kept. module.kl_every = n fits every n-th chunk of queries (a different
     phase each call), n times cheaper: the dense target is the costly part. The optimizer step
-    is the caller's.
+    is the caller's. With index_groups G > 1 each group of heads is fitted to its own attention
+    with its own head weights (and its own selection in the sparse stage).
     """
-    B, T = q.shape[:2]
+    B, T, H = q.shape[:3]
+    G, Hkv = index.groups, k.shape[2]
     chunk = chunk or QUERY_CHUNK
     ix = index.module
     bs, every = ix.block, max(ix.kl_every, 1)
     phase = ix.kl_calls % every
     ix.kl_calls += 1
     starts = [a for i, a in enumerate(range(0, T, chunk)) if i % every == phase]
-    n_fit = B * sum(min(a + chunk, T) - a for a in starts)
+    n_fit = B * G * sum(min(a + chunk, T) - a for a in starts)
     iq, iw, ik = (t.detach().requires_grad_() for t in (index.q, index.w, index.k))
     total = 0.0
-    for b in range(B):
-        for a in starts:
-            e = min(a + chunk, T)
-            with torch.enable_grad():
-                if bs == 1:
-                    p, logits, mask = _token_kl_terms(q[b, a:e], k[b], iq[b, a:e], iw[b, a:e], ik[b], a, scale,
-                                                      None if selections is None else selections[b])
-                else:
-                    terms = _block_kl_terms(q[b, a:e], k[b], iq[b, a:e], iw[b, a:e], ik[b], a, scale, bs,
-                                            None if selections is None else selections[b][a:e])
-                    if terms is None:  # no query here has an earlier block to choose
-                        continue
-                    p, logits, mask = terms
-                loss = _kl_rows(p, logits, mask) / n_fit
-                loss.backward()
-            total += loss.item()
+    for b, a, g in ((b, a, g) for b in range(B) for a in starts for g in range(G)):
+        e = min(a + chunk, T)
+        with torch.enable_grad():
+            if bs == 1:
+                p, logits, mask = _token_kl_terms(q[b, a:e], k[b], iq[b, a:e], iw[b, a:e], ik[b], a, scale,
+                                                  None if selections is None else selections[b])
+            else:
+                hs, ks = group_heads(g, G, H, Hkv)
+                sel = None if selections is None else selections[b][a:e]
+                terms = _block_kl_terms(q[b, a:e, hs], k[b, :, ks], iq[b, a:e], iw[b, a:e] if G == 1 else iw[b, a:e, g],
+                                        ik[b], a, scale, bs, sel if G == 1 or sel is None else sel[:, g])
+                if terms is None:  # no query here has an earlier block to choose
+                    continue
+                p, logits, mask = terms
+            loss = _kl_rows(p, logits, mask) / n_fit
+            loss.backward()
+        total += loss.item()
     if iq.grad is not None:  # else no query here had anything to choose
         torch.autograd.backward([index.q, index.w, index.k], [iq.grad, iw.grad, ik.grad])
     index.module.last_kl = total
     return total
+
+
+def group_heads(g: int, G: int, H: int, Hkv: int) -> tuple[slice, slice]:
+    """The query heads and KV heads of group g of G (GQA: query head h reads KV head h // (H/Hkv))."""
+    hq, hk = H // G, Hkv // G
+    return slice(g * hq, (g + 1) * hq), slice(g * hk, (g + 1) * hk)
 
 
 def _token_kl_terms(q, K, iq, iw, IK, first_pos, scale, selection):
@@ -425,7 +460,7 @@ def selected_attention_target(q, K, idx, mask, scale):
 # ---- converting a dense model ------------------------------------------------------------
 
 def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, layers=None, seed: int = 0,
-                 block_size: int = 1):
+                 block_size: int = 1, groups: int = 1):
     """Give a dense nanoseek Transformer lightning indexers (randomly initialised), in place.
 
     The model keeps running densely wherever a query sees <= topk keys; train the indexers
@@ -434,9 +469,10 @@ def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, l
     cfg = model.config
     cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk = n_heads, head_dim, topk
     cfg.index_layers = None if layers is None else sorted(int(i) for i in layers)
-    cfg.index_block_size = block_size
+    cfg.index_block_size, cfg.index_groups = block_size, groups
     if block_size < 1 or topk % block_size:
         raise NanoseekError(f"index block size {block_size} must be >= 1 and divide top-k {topk}")
+    cfg.__post_init__()  # the config's own checks (index_groups: GQA, blocks, divides n_kv_heads)
     gen = torch.Generator().manual_seed(seed)
     for i, block in enumerate(model.layers):
         attn = block.self_attn

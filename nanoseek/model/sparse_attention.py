@@ -20,8 +20,8 @@ query each) use the per-query gather above.
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.indexer import (IndexerOutput, block_positions, choose_blocks, fit_indexer, index_scores,
-                                    pooled_keys, recency_bias, select_blocks, select_topk)
+from nanoseek.model.indexer import (IndexerOutput, block_positions, choose_blocks, fit_indexer, group_heads,
+                                    index_scores, pooled_keys, recency_bias, select_blocks, select_topk)
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
 GATHER_CHUNK = 64
@@ -35,8 +35,10 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
     P, Hkv = K.shape[:2]
     g, k = H // Hkv, idx.shape[1]
     Dv = v_dim if V is None else V.shape[-1]
-    Kf = K.reshape(P, Hkv * Dk)                          # one row per token: all key heads
-    Vf = None if V is None else V.reshape(P, Hkv * Dv)
+    # one row per token: all key heads (a pool's slice of heads, for a group's selection, is
+    # gathered as [rows, heads, D]: reshaping the strided slice would copy the whole pool)
+    Kf = K.reshape(P, Hkv * Dk) if K.is_contiguous() else K
+    Vf = None if V is None else (V.reshape(P, Hkv * Dv) if V.is_contiguous() else V)
     spread = torch.eye(Hkv, dtype=q.dtype, device=q.device).repeat_interleave(g, 0)       # [H, Hkv]
     training = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad)
     C = min(chunk, T)
@@ -48,13 +50,13 @@ def sparse_attention(q, K, V, idx, valid, scale, v_dim, chunk: int = GATHER_CHUN
         C = b - a
         rows = idx[a:b].reshape(-1)
         Kg = (Kf.index_select(0, rows) if training else
-              torch.index_select(Kf, 0, rows, out=bufK[:C * k])).view(C, k, Hkv * Dk)
+              torch.index_select(Kf, 0, rows, out=bufK[:C * k].view(C * k, *Kf.shape[1:]))).view(C, k, Hkv * Dk)
         if Vf is None:
             Vg = Kg  # MLA: the latent is the value too (its first v_dim channels; the rest is cut below,
             #          multiplying whole rows is faster than a strided view of them)
         else:
             Vg = (Vf.index_select(0, rows) if training else
-                  torch.index_select(Vf, 0, rows, out=bufV[:C * k])).view(C, k, Hkv * Dv)
+                  torch.index_select(Vf, 0, rows, out=bufV[:C * k].view(C * k, *Vf.shape[1:]))).view(C, k, Hkv * Dv)
         out[a:b] = attend_rows(q[a:b], Kg, Vg, None if valid is None else valid[a:b], scale, Dv, Hkv, spread)
     return out
 
@@ -127,7 +129,16 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     pairs sorted by block and cut into tiles of QUERY_TILE queries of one block. Each part
     gives a softmax normalised over its block and its log-sum-exp; a query's parts are then
     merged with weights softmax(lse) (flash-decoding's split-K merge).
+    sel [T, G, m] (per-group selection): each group of heads over its own blocks.
     """
+    if sel.dim() == 3:
+        G, Hkv = sel.shape[1], K.shape[1]
+        parts = []
+        for g in range(G):
+            hs, ks = group_heads(g, G, q.shape[1], Hkv)
+            parts.append(attend_blocks(q[:, hs], K[:, ks], None if V is None else V[:, ks], scale, v_dim,
+                                       sel[:, g], start, block, slots))
+        return torch.cat(parts, 1)
     T, H, Dk = q.shape
     dev = q.device
     m = sel.shape[1]
@@ -288,7 +299,16 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
             valid = idx < lens[:, None]
         else:
             idx, valid = decode_blocks(iq[rows], iw[rows], IK, lens, index.topk, index.block)
-        out[rows] = sparse_attention(q[rows], Kpool, Vpool, slots.gather(1, idx), valid, scale, v_dim)
+        if idx.dim() == 3:  # per-group selection: each group of heads over its own keys
+            G, qd = idx.shape[1], q[rows]
+            parts = []
+            for g in range(G):
+                hs, ks = group_heads(g, G, q.shape[1], Kpool.shape[1])
+                parts.append(sparse_attention(qd[:, hs], Kpool[:, ks], None if Vpool is None else Vpool[:, ks],
+                                              slots.gather(1, idx[:, g]), valid[:, g], scale, v_dim))
+            out[rows] = torch.cat(parts, 1)
+        else:
+            out[rows] = sparse_attention(q[rows], Kpool, Vpool, slots.gather(1, idx), valid, scale, v_dim)
     for row, new, cached, table in ctx.prefills:
         total = cached + new
         pos = torch.arange(total)
@@ -301,16 +321,23 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
 
 def decode_blocks(iq, iw, IK, lens, topk: int, block: int):
     """Block selection for B decode queries at positions lens - 1 over their padded indexer keys
-    IK [B, W, D_I] -> key positions idx [B, m * block] and valid (select_blocks, batched)."""
+    IK [B, W, D_I] -> key positions idx [B, m * block] and valid (select_blocks, batched).
+    iw [B, G, H_I] (per-group selection) -> idx and valid [B, G, m * block]."""
     B, W, _ = IK.shape
     if W % block:  # whole blocks (the padding is never a candidate: it lies at or after each own block)
         IK = torch.nn.functional.pad(IK, (0, 0, 0, block - W % block))
     own = (lens - 1) // block
     nb = IK.shape[1] // block
     Kb = pooled_keys(IK, nb, block)                                                   # [B, nb, D_I]
-    s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, 1, nb), iw.unsqueeze(1),
-                      torch.bmm(iq, Kb.transpose(1, 2)).relu_()).squeeze(1)          # [B, nb]
-    return block_positions(choose_blocks(s, own, topk // block), block, lens - 1)
+    w = iw if iw.dim() == 3 else iw.unsqueeze(1)                                      # [B, G, H_I]
+    s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, w.shape[1], nb), w,
+                      torch.bmm(iq, Kb.transpose(1, 2)).relu_())                     # [B, G, nb]
+    if iw.dim() == 2:
+        return block_positions(choose_blocks(s[:, 0], own, topk // block), block, lens - 1)
+    G = w.shape[1]
+    sel = choose_blocks(s, own, topk // block)                                        # [B, G, m]
+    idx, valid = block_positions(sel.flatten(0, 1), block, (lens - 1).repeat_interleave(G))
+    return idx.view(B, G, -1), valid.view(B, G, -1)
 
 
 __all__ = ["sparse_attention", "attend_rows", "attend_blocks", "sparse_causal_attention", "attend_selected",

@@ -189,6 +189,9 @@ def add_stage_args(p):
     add("--index-block-size", type=int, default=64,
         help="select blocks of this many keys (1 = single keys, DSA as published; blocks are what "
              "makes sparse prefill faster than dense SDPA on a CPU)")
+    add("--index-groups", type=int, default=1,
+        help="block selections per layer: 1 = one for all heads (DSA); the model's KV-head count = each "
+             "group of KV heads chooses its own blocks (NSA)")
     add("--kl-every", type=int, default=1, help="fit the indexer on every n-th chunk of 64 queries (n x cheaper)")
     add("--dense-layers", default=None,
         help="comma-separated layers made dense again (their indexers dropped) before the stage runs; "
@@ -239,7 +242,7 @@ def run_stage(args, log=None):
             log("note: the model has no indexer; adding fresh ones (run --stage indexer-warmup first)")
         layers = None if arg("index_layers") is None else [int(i) for i in str(args.index_layers).split(",")]
         add_indexers(model, arg("index_heads", 4), arg("index_head_dim", 64), arg("index_topk", 512), layers,
-                     seed=seed, block_size=arg("index_block_size", 64))
+                     seed=seed, block_size=arg("index_block_size", 64), groups=arg("index_groups", 1))
     elif arg("index_topk"):
         if args.index_topk % model.config.index_block_size:
             raise NanoseekError(f"--index-topk {args.index_topk} must be a multiple of the model's index block "
