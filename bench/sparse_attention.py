@@ -233,6 +233,9 @@ def quality(args):
     if args.init:  # continue the warm-up of a model converted (and saved) before
         from nanoseek.checkpoint.hf import load_hf
         model = load_hf(args.init, "bf16")
+        if args.index_groups > 1 and model.config.index_groups == 1:
+            from nanoseek.model.indexer import select_per_group
+            select_per_group(model, args.index_groups)  # each group starts from the shared choice
     else:
         add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size,
                      groups=args.index_groups)

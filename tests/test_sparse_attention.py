@@ -10,7 +10,7 @@ from nanoseek.checkpoint.hf import load_hf
 from nanoseek.config import ModelConfig
 from nanoseek.engine import LLM
 from nanoseek.model.indexer import (add_indexers, block_positions, index_scores, recency_bias, select_blocks,
-                                    select_topk)
+                                    select_per_group, select_topk)
 from nanoseek.model.kv_cache import DenseKVCache
 from nanoseek.model.sparse_attention import attend_blocks, sparse_attention
 from nanoseek.model.transformer import Transformer
@@ -296,3 +296,17 @@ def test_per_group_selection_needs_blocks_and_gqa():
     mla = Transformer(ModelConfig(**CONFIGS["mla"])).init_weights(seed=0)
     with pytest.raises(NanoseekError, match="index_groups"):
         add_indexers(mla, n_heads=2, head_dim=16, topk=20, block_size=4, groups=2)
+
+
+def test_select_per_group_starts_from_the_shared_choice():
+    """A trained one-selection model turned per-group selects exactly as before (every group
+    starts with the shared head weights), then its groups can be trained apart."""
+    _, sparse = dense_and_sparse("gqa", block=4)
+    grouped = select_per_group(copy.deepcopy(sparse), 2)
+    assert grouped.config.index_groups == 2
+    assert grouped.layers[0].self_attn.indexer.weights_proj.weight.shape == (4, 64)
+    x = ids(1, 40)
+    with torch.no_grad():
+        assert (grouped(x) - sparse(x)).abs().max().item() < 1e-5
+        grouped.layers[0].self_attn.indexer.weights_proj.weight[2:] *= -1  # group 1 now ranks blocks otherwise
+        assert (grouped(x) - sparse(x)).abs().max().item() > 1e-3

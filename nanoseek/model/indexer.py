@@ -490,6 +490,27 @@ def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, l
     return model
 
 
+@torch.no_grad()
+def select_per_group(model, groups: int):
+    """Turn one-selection indexers into per-group ones (index_groups = groups), in place: every
+    group starts from the shared head weights (W_w tiled), so the model selects exactly as
+    before until the groups are trained apart (the warm-up stage, from where it left off)."""
+    cfg = model.config
+    if cfg.index_groups != 1:
+        raise NanoseekError(f"the indexers already select per group ({cfg.index_groups} groups)")
+    cfg.index_groups = groups
+    cfg.__post_init__()
+    for block in model.layers:
+        ix = block.self_attn.indexer
+        if ix is None:
+            continue
+        w = ix.weights_proj.weight
+        ix.weights_proj = nn.Linear(w.shape[1], groups * w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        ix.weights_proj.weight.copy_(w.repeat(groups, 1))
+        ix.groups = groups
+    return model
+
+
 def drop_indexers(model, layers):
     """Make `layers` dense again, in place: their indexers go, and cfg.index_layers lists the rest
     (a hybrid: the layers whose selection costs most stay dense; see bench/sparse_attention.py

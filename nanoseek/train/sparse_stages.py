@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.errors import NanoseekError
-from nanoseek.model.indexer import add_indexers, drop_indexers, indexer_parameters
+from nanoseek.model.indexer import add_indexers, drop_indexers, indexer_parameters, select_per_group
 
 STAGES = ("indexer-warmup", "sparse")
 
@@ -243,7 +243,9 @@ def run_stage(args, log=None):
         layers = None if arg("index_layers") is None else [int(i) for i in str(args.index_layers).split(",")]
         add_indexers(model, arg("index_heads", 4), arg("index_head_dim", 64), arg("index_topk", 512), layers,
                      seed=seed, block_size=arg("index_block_size", 64), groups=arg("index_groups", 1))
-    elif arg("index_topk"):
+    elif arg("index_groups", 1) > 1 and model.config.index_groups == 1:
+        select_per_group(model, args.index_groups)  # each group starts from the shared choice
+    if indexers(model) and arg("index_topk") and arg("index_topk") != model.config.index_topk:
         if args.index_topk % model.config.index_block_size:
             raise NanoseekError(f"--index-topk {args.index_topk} must be a multiple of the model's index block "
                                 f"size {model.config.index_block_size}")
