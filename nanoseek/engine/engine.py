@@ -30,6 +30,7 @@ from nanoseek.engine.metrics import EngineMetrics
 from nanoseek.engine.outputs import CompletionOutput, RequestOutput
 from nanoseek.engine.paged_attention import PagedAttention, PagedKVCache, kv_bytes_per_token
 from nanoseek.errors import NanoseekError
+from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.model.packing import pack_projections
 from nanoseek.sampling import SamplingParams, apply_penalties, sample_row, top_logprobs
 
@@ -79,6 +80,7 @@ class Engine:
                  enable_prefix_caching: bool = True, watermark: float | None = 0.01):
         self.model, self.tokenizer = model.eval(), tokenizer
         pack_projections(model)  # q/k/v and gate/up as one matmul each (tensors shared, nothing copied)
+        self.flat = None  # decode steps without module dispatch, where the model allows (flat_decode.py)
         cfg = model.config
         if num_blocks is None:
             per_block = kv_bytes_per_token(cfg, model.dtype) * block_size
@@ -213,7 +215,7 @@ class Engine:
                 to_sample.append(seq)
         dev = self.model.device
         attn = PagedAttention(self.cache, ctx)
-        h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), attn)
+        h = self._hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), attn)
         logits = self.model.logits(h[0, rows]) if rows else None
         for seq, n in scheduled:
             if seq.num_computed < len(seq.prompt_ids):
@@ -236,6 +238,16 @@ class Engine:
                 self.metrics.requests_finished += 1
                 self.metrics.e2e.observe(now - req.seqs[0].arrival)
         return outs
+
+    def _hidden_states(self, ids, pos, attn):
+        """The model's forward for this step: decode-only steps through the flat loop when it can
+        run this model (checked every step: modules may have been swapped since), else the modules."""
+        if attn.all_decode and not torch.is_grad_enabled():
+            if self.flat is None or not self.flat.current():
+                self.flat = FlatDecoder.of(self.model)
+            if self.flat is not None:
+                return self.flat.hidden_states(ids, pos, attn)
+        return self.model.hidden_states(ids, pos, attn)
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor, now: float):
         p = seq.params

@@ -91,7 +91,7 @@ def packable(modules) -> bool:
 @torch.no_grad()
 def pack_projections(model) -> int:
     """Pack every GQA layer's q/k/v and every SwiGLU MLP's gate/up (dense layers, routed and
-    shared experts); returns how many. Modules that differ in kind, dtype or bias are left as
+    shared experts), and re-pack those whose modules were swapped since; returns how many. Modules that differ in kind, dtype or bias are left as
     they are. The packed matmuls run only without autograd (generation, evaluation)."""
     from nanoseek.model.attention import GQA
     from nanoseek.model.layers import MLP
@@ -99,7 +99,7 @@ def pack_projections(model) -> int:
     for m in model.modules():
         group = ([m.q_proj, m.k_proj, m.v_proj] if isinstance(m, GQA) else
                  [m.gate_proj, m.up_proj] if isinstance(m, MLP) else None)
-        if group is not None and m.packed is None and packable(group):
+        if group is not None and (m.packed is None or not m.packed.valid(group)) and packable(group):
             m.packed = Packed(group)
             count += 1
     return count

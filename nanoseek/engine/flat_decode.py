@@ -1,0 +1,137 @@
+"""Decode steps of a dense GQA model as one flat loop over plain tensors (no nn.Module dispatch).
+
+Why: at batch-1 decode on a CPU, SmolLM2-135M's matmuls take ~4 ms a token (int4, one thread)
+while its 30 layers' module calls, attribute lookups and per-call checks add ~4 ms more. llama.cpp
+has no such layer. `FlatDecoder` reads the tensors a decode step needs out of the modules once (the
+same tensors: in-place weight updates reach it) and runs Block.forward's math op for op, so the
+hidden states are bit-identical to the modules' (tests/test_flat_decode.py).
+
+It applies to dense GQA models (Llama, Qwen2, SmolLM2): every layer GQA with packed q/k/v
+(model/packing.py) and a SwiGLU MLP with packed gate/up, no indexer, projections that are
+nn.Linear, weight-only Int8Linear or Int4Linear. `current()` checks each step that the modules are
+still the ones it read (a LoRA wrap, quantize_model or a dtype cast replaces them) and that no
+forward hook wants to see them run; otherwise the engine runs the modules.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from nanoseek.model.attention import GQA
+from nanoseek.model.layers import MLP, RMSNorm, apply_rope
+from nanoseek.quant import int4, int8
+from nanoseek.quant.layers import Int4Linear, Int8Linear
+
+INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
+def _weight(m) -> torch.Tensor:
+    """The tensor a projection's matmul reads (a Packed stack's, a module's weight or qweight)."""
+    return m.weight if not isinstance(m, nn.Module) or type(m) is nn.Linear else m.qweight
+
+
+def _matmul(m):
+    """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> fn(x [M, K])
+    computing what its forward computes, with the same ops; None for any other module."""
+    quant = m if isinstance(m, nn.Module) else m.quant  # a Packed stands for its stack (quant None: float)
+    if quant is None or type(quant) is nn.Linear:
+        w, b = (m.weight, m.bias) if quant is None else (quant.weight, quant.bias)
+        return lambda x: F.linear(x, w, b)
+    if type(quant) is Int8Linear and not quant.dynamic:
+        q, scale, bias, K = quant.qweight, quant.weight_scale, quant.bias, quant.in_features
+        s16 = scale.view(-1).to(torch.bfloat16)
+
+        def int8_mm(x):
+            if (x.shape[0] <= int8.PACK_MAX_M and K % int8.PACK_K_MULTIPLE == 0 and x.dtype == torch.bfloat16
+                    and x.device.type == "cpu" and q.data_ptr() % int8.ALIGN == 0):
+                y = INT8_MM(int8.aligned(x), q, s16)
+            else:
+                y = int8.weight_only_mm(x, q, scale)
+            return y if bias is None else y + bias
+        return int8_mm
+    if type(quant) is Int4Linear:
+        bias, probe = quant.bias, torch.zeros(1, quant.in_features, dtype=quant.dtype, device=quant.qweight.device)
+        kernel = quant.kernel(probe)
+
+        def int4_mm(x):
+            if kernel is not None and x.shape[0] <= int4.KERNEL_MAX_M and x.dtype == quant.dtype:
+                y = INT4_MM(x.contiguous(), kernel[0], quant.in_features // quant.weight_scale.shape[1], kernel[1])
+            else:
+                y = int4.weight_only_mm(x, quant.qweight, quant.weight_scale, quant.weight_min, quant.kernel(x))
+            return y if bias is None else y + bias
+        return int4_mm
+    return None
+
+
+class FlatDecoder:
+    """The model's hidden_states for decode steps, as a flat loop; build with `FlatDecoder.of(model)`
+    (None where the model is not one it can run)."""
+
+    def __init__(self, model, layers):
+        self.model, self.layers = model, layers
+        self.ptrs = self._ptrs()
+
+    @classmethod
+    def of(cls, model) -> "FlatDecoder | None":
+        if getattr(model, "layers", None) is None or not len(model.layers):
+            return None
+        layers = []
+        for blk in model.layers:
+            attn, mlp = blk.self_attn, blk.mlp
+            if not (type(attn) is GQA and attn.indexer is None and type(mlp) is MLP and attn.packed is not None
+                    and mlp.packed is not None and type(blk.input_layernorm) is RMSNorm
+                    and type(blk.post_attention_layernorm) is RMSNorm
+                    and attn.packed.valid((attn.q_proj, attn.k_proj, attn.v_proj))
+                    and mlp.packed.valid((mlp.gate_proj, mlp.up_proj))):
+                return None
+            mms = [_matmul(m) for m in (attn.packed, attn.o_proj, mlp.packed, mlp.down_proj)]
+            if any(mm is None for mm in mms):
+                return None
+            layers.append((blk, attn, mlp, attn.packed, mlp.packed, attn.o_proj, mlp.down_proj, mms))
+        return cls(model, layers)
+
+    def _ptrs(self):
+        # where every tensor the loop captured lives now (a cast or a reload moves them)
+        return [(blk.input_layernorm.weight.data_ptr(), blk.post_attention_layernorm.weight.data_ptr(),
+                 *(_weight(m).data_ptr() for m in (pqkv, o, pgu, down)))
+                for blk, _, _, pqkv, pgu, o, down, _ in self.layers]
+
+    def current(self) -> bool:
+        """Still the modules and tensors it read, with nothing that wants to see the modules run?"""
+        if torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        layers = self.model.layers
+        if len(layers) != len(self.layers):
+            return False
+        for blk_now, (blk, attn, mlp, pqkv, pgu, o, down, _) in zip(layers, self.layers):
+            if not (blk_now is blk and blk.self_attn is attn and blk.mlp is mlp and attn.packed is pqkv
+                    and mlp.packed is pgu and attn.o_proj is o and mlp.down_proj is down
+                    and pqkv.valid((attn.q_proj, attn.k_proj, attn.v_proj)) and pgu.valid((mlp.gate_proj, mlp.up_proj))
+                    and not (blk._forward_hooks or blk._forward_pre_hooks)):
+                return False
+        return self._ptrs() == self.ptrs
+
+    def hidden_states(self, input_ids, positions, cache):
+        """model.hidden_states(input_ids, positions, cache), the same ops in the same order."""
+        model = self.model
+        x = model.embed_tokens(input_ids)
+        cos, sin = model.rope(positions, x.dtype)
+        B, T, dim = x.shape
+        for blk, attn, mlp, _, _, _, _, (qkv_mm, o_mm, gu_mm, down_mm) in self.layers:
+            H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            h = _rms_norm(x, blk.input_layernorm)
+            qkv = qkv_mm(h.reshape(-1, dim)).view(B, T, H + 2 * Hkv, D)
+            qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin, attn.interleaved)
+            out = cache.attend(attn.layer_id, qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:], attn.scale, D)
+            x = x + o_mm(out.reshape(B * T, -1)).view(B, T, dim)
+            h = _rms_norm(x, blk.post_attention_layernorm).reshape(-1, dim)
+            gate, up = gu_mm(h).chunk(2, dim=-1)
+            x = x + down_mm(F.silu(gate) * up).view(B, T, dim)
+        return _rms_norm(x, model.norm)
+
+
+def _rms_norm(x, norm: RMSNorm):
+    # RMSNorm.forward's math, without the module call
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
