@@ -27,11 +27,6 @@ INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
-def _weight(m) -> torch.Tensor:
-    """The tensor a projection's matmul reads (a Packed stack's, a module's weight or qweight)."""
-    return m.weight if not isinstance(m, nn.Module) or type(m) is nn.Linear else m.qweight
-
-
 def _matmul(m):
     """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> fn(x [M, K])
     computing what its forward computes, with the same ops; None for any other module."""
@@ -71,7 +66,19 @@ class FlatDecoder:
 
     def __init__(self, model, layers):
         self.model, self.layers = model, layers
-        self.ptrs = self._ptrs()
+        # what current() re-checks every step, as plain dict lookups (nn.Module.__getattr__ would
+        # cost more than the loop saves): the module tree under each layer is the same objects, every
+        # parameter and buffer is the same tensor in the same storage, the packed stacks are the
+        # ones read, and no module the modules' forward would call has a hook
+        self.edges, self.tensors, self.hooks = [(model._modules, "layers", model.layers)], [], []
+        for i, (blk, attn, mlp, pqkv, pgu, *_) in enumerate(layers):
+            self.edges += [(model.layers._modules, str(i), blk), (attn.__dict__, "packed", pqkv), (mlp.__dict__, "packed", pgu)]
+            for m in blk.modules():
+                self.edges += [(m._modules, name, child) for name, child in m._modules.items()]
+                self.tensors += [(d, name, t, t.data_ptr()) for d in (m._parameters, m._buffers)
+                                 for name, t in d.items() if t is not None]
+            self.hooks += [d for m in (blk, attn, mlp, blk.input_layernorm, blk.post_attention_layernorm,
+                                       attn.o_proj, mlp.down_proj) for d in (m._forward_hooks, m._forward_pre_hooks)]
 
     @classmethod
     def of(cls, model) -> "FlatDecoder | None":
@@ -92,26 +99,13 @@ class FlatDecoder:
             layers.append((blk, attn, mlp, attn.packed, mlp.packed, attn.o_proj, mlp.down_proj, mms))
         return cls(model, layers)
 
-    def _ptrs(self):
-        # where every tensor the loop captured lives now (a cast or a reload moves them)
-        return [(blk.input_layernorm.weight.data_ptr(), blk.post_attention_layernorm.weight.data_ptr(),
-                 *(_weight(m).data_ptr() for m in (pqkv, o, pgu, down)))
-                for blk, _, _, pqkv, pgu, o, down, _ in self.layers]
-
     def current(self) -> bool:
         """Still the modules and tensors it read, with nothing that wants to see the modules run?"""
         if torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
-        layers = self.model.layers
-        if len(layers) != len(self.layers):
-            return False
-        for blk_now, (blk, attn, mlp, pqkv, pgu, o, down, _) in zip(layers, self.layers):
-            if not (blk_now is blk and blk.self_attn is attn and blk.mlp is mlp and attn.packed is pqkv
-                    and mlp.packed is pgu and attn.o_proj is o and mlp.down_proj is down
-                    and pqkv.valid((attn.q_proj, attn.k_proj, attn.v_proj)) and pgu.valid((mlp.gate_proj, mlp.up_proj))
-                    and not (blk._forward_hooks or blk._forward_pre_hooks)):
-                return False
-        return self._ptrs() == self.ptrs
+        return (len(self.model.layers) == len(self.layers) and not any(self.hooks)
+                and all(d.get(name) is obj for d, name, obj in self.edges)
+                and all(d.get(name) is t and t.data_ptr() == ptr for d, name, t, ptr in self.tensors))
 
     def hidden_states(self, input_ids, positions, cache):
         """model.hidden_states(input_ids, positions, cache), the same ops in the same order."""
