@@ -52,7 +52,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float [M, K] -> (int8 [M, K], fp32 scale [M, 1]), one scale per row (token)."""
     x = x.float()
-    sx = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / QMAX
+    # abs().amax, not vector_norm(ord=inf): the same numbers, 3-7x faster on this CPU
+    sx = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(QMAX)
     return (x / sx).round_().to(torch.int8), sx
 
 
@@ -81,4 +82,4 @@ def dynamic_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     """Quantise x per token, multiply in int8 with int32 accumulation, rescale -> [M, N] in x.dtype."""
     xq, sx = quantize_tokens(x)
     acc = _int8_matmul(xq, q)
-    return torch.mul(acc, sx).mul_(scale.view(1, -1)).to(x.dtype)  # int32 * fp32 -> fp32
+    return acc.float().mul_(sx).mul_(scale.view(1, -1)).to(x.dtype)  # (converting first: ~1.5x faster than int32 * fp32)
