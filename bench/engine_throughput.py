@@ -8,6 +8,7 @@
   3. prefix cache: TTFT of a request sharing a 1,000-token prefix, cache on vs off.
 
     python bench/engine_throughput.py [--precision bf16,int8] [--skip-llamacpp]
+    python bench/engine_throughput.py --precision int8,int4 --decode-only --repeats 5   # 1. alone
 
 llama.cpp is a bench extra: `bash bench/install_peers.sh llamacpp` builds llama-cpp-python for
 this CPU; without it those columns are skipped.
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and llama.cpp threads)")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the batch-1 decode rounds (each round's figures kept): engine_decode_<threads>t.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     precisions = args.precision.split(",")
@@ -125,7 +128,16 @@ def main():
         if lcpp is not None:
             runs["llama.cpp"].append(llamacpp_decode_tps(lcpp, short, 128))
     res["decode_b1"] = {(f"nanoseek {k}" if k in precisions else k): round(median(v), 1) for k, v in runs.items() if v}
+    res["decode_b1_runs"] = {k: [round(x, 1) for x in v] for k, v in runs.items() if v}
     print(res["decode_b1"], flush=True)
+    if args.decode_only:
+        d = res["decode_b1"]
+        lines = ["| system | tok/s (median) | rounds | ratio |", "|---|---|---|---|"]
+        for (name, v), r in zip(d.items(), res["decode_b1_runs"].values()):
+            ratio = f"{v / d['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in d else "-"
+            lines.append(f"| {name} | {v} | {' / '.join(map(str, r))} | {ratio} |")
+        write_results(Path(args.out), f"engine_decode_{args.threads}t", res, "\n".join(lines))
+        return
 
     # 2. 32 concurrent requests, 128 in / 128 out
     # (median of --repeats interleaved rounds: one 32-request run is ~10 s, long enough for the
