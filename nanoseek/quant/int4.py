@@ -13,9 +13,12 @@ weight_min fp32 [N, K/GROUP].
 
 Kernel: torch's CPU `_weight_int4pack_mm_for_cpu` computes x @ w^T from its own packed layout
 (made by `_convert_weight_to_int4pack_for_cpu`) with w = (q - 8) * s + z, so z = min + 8 * scale.
-Measured here (1 thread, 3072x576): M=1 72us against bf16 F.linear's 167us; M=8 186 vs 154;
-M=32 900 vs 389. It is a GEMV loop, so above KERNEL_MAX_M rows the weights are dequantised
-into the activation dtype and multiplied there (prefill, large decode batches).
+Measured here (2 threads, 3072x576, µs): M=4 kernel 66 | dequantise + bf16 GEMM 1206 | bf16
+weights 186; M=32 509 | 1653 | 350; M=128 1966 | 2354 | 915; M=256 4356 | 3598 | 1443. The
+kernel's time grows linearly with M (a GEMV loop): it is the fast path for batch-1 decode, and
+beats dequantising up to ~128 rows; above KERNEL_MAX_M rows (prefill chunks) the weights are
+dequantised into the activation dtype and multiplied there. At every M > ~16 bf16 weights are
+faster: int4 trades batch throughput for batch-1 speed and size.
 """
 
 import torch
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 GROUP = 32
 QMAX = 15
-KERNEL_MAX_M = 4   # rows up to which the int4 kernel beats dequantise + GEMM (crossover ~4-8)
+KERNEL_MAX_M = 64  # rows up to which the int4 kernel runs (it beats dequantise + GEMM up to ~128)
 KERNEL_N_MULTIPLE = 16  # the CPU packing wants N divisible by 16
 
 
