@@ -122,6 +122,13 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
     assert h.layers[1].self_attn.indexer is not None
     with pytest.raises(NanoseekError, match="layer 0 has no indexer"):
         drop_indexers(h, [0])
+    # per-group selection: a converted model's indexers split into one choice per KV head
+    run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "hybrid"), "--out",
+                            str(tmp_path / "groups"), "--index-groups", "2"] + common), log=lambda s: None)
+    g = load_hf(tmp_path / "groups")
+    assert g.config.index_groups == 2 and g.layers[1].self_attn.indexer.weights_proj.weight.shape == (4, 64)
+    with torch.no_grad():
+        assert torch.isfinite(g(ids(1, 30))).all()
 
 
 def test_kl_every_fits_a_rotating_subset_of_query_chunks():
