@@ -26,11 +26,11 @@ from collections import deque
 import torch
 
 from nanoseek.engine.block_manager import BlockManager
+from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.engine.metrics import EngineMetrics
 from nanoseek.engine.outputs import CompletionOutput, RequestOutput
 from nanoseek.engine.paged_attention import PagedAttention, PagedKVCache, kv_bytes_per_token
 from nanoseek.errors import NanoseekError
-from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.model.packing import pack_projections
 from nanoseek.sampling import SamplingParams, apply_penalties, sample_row, top_logprobs
 
