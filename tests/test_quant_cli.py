@@ -42,8 +42,8 @@ def test_quantize_with_report(tmp_path):
 
 
 def test_unknown_scheme_and_missing_model_name_the_culprit(tmp_path):
-    with pytest.raises(NanoseekError, match="--to 'int4'"):
-        quantize(tmp_path, tmp_path / "out", "--to", "int4")
+    with pytest.raises(NanoseekError, match="--to 'int3'"):
+        quantize(tmp_path, tmp_path / "out", "--to", "int3")
     missing = tmp_path / "no_such_model"
     with pytest.raises(NanoseekError, match=re.escape(str(missing))):
         quantize(missing, tmp_path / "out", "--to", "int8")

@@ -40,7 +40,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_one_list_of_precisions():
-    assert LOAD_PRECISIONS == (*PRECISIONS, *SCHEMES) == ("fp32", "bf16", "int8", "int8-dynamic", "fp8")
+    assert LOAD_PRECISIONS == (*PRECISIONS, *SCHEMES) == ("fp32", "bf16", "int8", "int8-dynamic", "int4", "fp8")
 
 
 @pytest.mark.parametrize("command", LOADERS)
@@ -49,10 +49,10 @@ def test_every_loader_takes_the_quantized_precisions(command, capsys):
     for precision in LOAD_PRECISIONS:
         assert parser.parse_args([*LOADERS[command], "--precision", precision]).precision == precision
     with pytest.raises(SystemExit) as e:
-        parser.parse_args([*LOADERS[command], "--precision", "int4"])
+        parser.parse_args([*LOADERS[command], "--precision", "int3"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "argument --precision: invalid choice: 'int4'" in err and "fp8" in err
+    assert "argument --precision: invalid choice: 'int3'" in err and "int4" in err
 
 
 def test_serve_at_int8_answers_a_chat_completion(tiny_gguf):
