@@ -31,12 +31,15 @@ CONFIGS["gqa-groups"] = CONFIGS["gqa"]
 GROUPS = {"gqa-groups": 2}
 
 
+def cases(names):
+    """(name, block) pairs: token-level (1) and blocks of 4, per-group selection with blocks only."""
+    return [(n, b) for n in names for b in (1, 4) if not (n in GROUPS and b == 1)]
+
+
 def dense_and_sparse(name, topk=None, layers=None, block=1):
     """A tiny model and its copy with indexers. Default top-k: 8 keys, or 5 blocks of 4 (3 kept,
     2 chosen), so that a 40-token input really selects."""
     topk = topk or (8 if block == 1 else 20)
-    if name in GROUPS and block == 1:
-        pytest.skip("per-group selection is for blocks")
     dense = Transformer(ModelConfig(**CONFIGS[name])).init_weights(seed=0).eval()
     sparse = add_indexers(copy.deepcopy(dense), n_heads=2, head_dim=16, topk=topk, layers=layers, seed=1,
                           block_size=block, groups=GROUPS.get(name, 1))
@@ -55,8 +58,7 @@ def cached_forward(model, x, cuts):
     return torch.cat(parts, 1)
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name,block", cases(CONFIGS))
 def test_k_at_least_length_is_exactly_dense(name, block):
     dense, sparse = dense_and_sparse(name, topk=48, block=block)
     x = ids(2, 48)
@@ -106,8 +108,7 @@ def test_selection_is_causal_keeps_own_position_and_is_the_top_k():
         assert sorted(idx[t][valid[t]].tolist()) == list(range(t + 1))
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name,block", cases(CONFIGS))
 def test_future_tokens_never_change_earlier_outputs(name, block):
     _, sparse = dense_and_sparse(name, block=block)
     x = ids(1, 40)
@@ -117,8 +118,7 @@ def test_future_tokens_never_change_earlier_outputs(name, block):
         assert (sparse(x)[:, :25] - sparse(y)[:, :25]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name,block", cases(CONFIGS))
 def test_chunked_prefill_and_decode_equal_one_shot(name, block):
     _, sparse = dense_and_sparse(name, block=block)
     x = ids(2, 40, seed=1)
@@ -128,8 +128,7 @@ def test_chunked_prefill_and_decode_equal_one_shot(name, block):
     assert (chunked - one).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", ["gqa", "gqa-groups"])
+@pytest.mark.parametrize("name,block", cases(["gqa", "gqa-groups"]))
 def test_main_attention_is_never_dense_when_sparse(monkeypatch, name, block):
     """The sparse path gathers the selected keys: no SDPA over the whole context anywhere."""
     _, sparse = dense_and_sparse(name, block=block)
@@ -148,8 +147,7 @@ def test_only_listed_layers_get_an_indexer():
     assert sparse.layers[0].self_attn.indexer is None and sparse.layers[1].self_attn.indexer is not None
 
 
-@pytest.mark.parametrize("block", [1, 4])
-@pytest.mark.parametrize("name", ["gqa", "gqa-groups", "mla-qlora"])
+@pytest.mark.parametrize("name,block", cases(["gqa", "gqa-groups", "mla-qlora"]))
 def test_engine_paged_sparse_equals_dense_cache_reference(name, block):
     _, sparse = dense_and_sparse(name, block=block)
     ps = [ids(1, n, seed=10 + n)[0].tolist() for n in (45, 9, 30, 60)]
