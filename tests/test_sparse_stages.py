@@ -106,6 +106,10 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
     common = ["--data", str(tmp_path / "shards"), "--steps", "2", "--seq-len", "24", "--index-topk", "8",
               "--index-head-dim", "16", "--index-heads", "2", "--index-block-size", "4"]
     run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "dense"),
+                            "--out", str(tmp_path / "default")] + common), log=lambda s: None)
+    assert load_hf(tmp_path / "default").config.index_groups == 2  # GQA with blocks: one choice per KV head
+    common += ["--index-groups", "1"]  # the rest starts from one shared choice
+    run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "dense"),
                             "--out", str(tmp_path / "warm")] + common), log=lambda s: None)
     run_stage(p.parse_args(["--stage", "sparse", "--model", str(tmp_path / "warm"),
                             "--out", str(tmp_path / "sparse")] + common), log=lambda s: None)
@@ -124,7 +128,7 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
         drop_indexers(h, [0])
     # per-group selection: a converted model's indexers split into one choice per KV head
     run_stage(p.parse_args(["--stage", "indexer-warmup", "--model", str(tmp_path / "hybrid"), "--out",
-                            str(tmp_path / "groups"), "--index-groups", "2"] + common), log=lambda s: None)
+                            str(tmp_path / "groups")] + common[:-2] + ["--index-groups", "2"]), log=lambda s: None)
     g = load_hf(tmp_path / "groups")
     assert g.config.index_groups == 2 and g.layers[1].self_attn.indexer.weights_proj.weight.shape == (4, 64)
     with torch.no_grad():

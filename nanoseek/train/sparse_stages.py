@@ -189,9 +189,11 @@ def add_stage_args(p):
     add("--index-block-size", type=int, default=64,
         help="select blocks of this many keys (1 = single keys, DSA as published; blocks are what "
              "makes sparse prefill faster than dense SDPA on a CPU)")
-    add("--index-groups", type=int, default=1,
-        help="block selections per layer: 1 = one for all heads (DSA); the model's KV-head count = each "
-             "group of KV heads chooses its own blocks (NSA)")
+    add("--index-groups", type=int, default=None,
+        help="block selections per layer: 1 = one for all heads (DSA); g = each of g groups of KV heads "
+             "chooses its own blocks (NSA). Default for new indexers: one per KV head for GQA with blocks "
+             "(faster prefill and better perplexity than one shared choice, docs/BENCHMARKS.md), else 1; "
+             "given for a model that already has indexers, it splits their one choice into g")
     add("--kl-every", type=int, default=1, help="fit the indexer on every n-th chunk of 64 queries (n x cheaper)")
     add("--dense-layers", default=None,
         help="comma-separated layers made dense again (their indexers dropped) before the stage runs; "
@@ -241,8 +243,10 @@ def run_stage(args, log=None):
         if stage == "sparse":
             log("note: the model has no indexer; adding fresh ones (run --stage indexer-warmup first)")
         layers = None if arg("index_layers") is None else [int(i) for i in str(args.index_layers).split(",")]
+        cfg, block = model.config, arg("index_block_size", 64)
+        groups = arg("index_groups", cfg.n_kv_heads if cfg.attn_type == "gqa" and block > 1 else 1)
         add_indexers(model, arg("index_heads", 4), arg("index_head_dim", 64), arg("index_topk", 512), layers,
-                     seed=seed, block_size=arg("index_block_size", 64), groups=arg("index_groups", 1))
+                     seed=seed, block_size=block, groups=groups)
     elif arg("index_groups", 1) > 1 and model.config.index_groups == 1:
         select_per_group(model, args.index_groups)  # each group starts from the shared choice
     if indexers(model) and arg("index_topk") and arg("index_topk") != model.config.index_topk:
