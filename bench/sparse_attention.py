@@ -313,25 +313,23 @@ def oracle_attention(q, k, v, scale, v_dim, index, per_group=False, chunk=512):
     """Block-sparse attention that chooses its blocks by the true dense attention mass (the
     indexer's KL target) instead of the indexer's scores: the ceiling of block selection at
     this top-k. per_group: each KV head's query group chooses its own blocks (as NSA does)."""
-    from nanoseek.model.indexer import choose_blocks
+    from nanoseek.model.indexer import attention_target, choose_blocks, group_heads
     from nanoseek.model.sparse_attention import attend_blocks
     B, T, H, Dk = q.shape
     Hkv, bs = k.shape[2], index.block
     m, nb = index.topk // bs, (T + bs - 1) // bs
-    groups = [(h * (H // Hkv), (h + 1) * (H // Hkv), h) for h in range(Hkv)] if per_group else [(0, H, None)]
+    G = Hkv if per_group else 1
     out = q.new_empty(B, T, H, v_dim)
     for b in range(B):
-        for h0, h1, g in groups:
-            K = k[b] if g is None else k[b, :, g:g + 1]
-            V = None if v is None else (v[b] if g is None else v[b, :, g:g + 1])
-            Kh = K.repeat_interleave((h1 - h0) // K.shape[1], 1)                     # [T, h, Dk]
+        for g in range(G):
+            hs, ks = group_heads(g, G, H, Hkv)
+            K, V = k[b, :, ks], None if v is None else v[b, :, ks]
             for a in range(0, T, chunk):
                 e = min(a + chunk, T)
-                s = torch.einsum("thd,shd->hts", q[b, a:e, h0:h1].float(), Kh[:e].float()) * scale
-                s.masked_fill_(torch.arange(e)[None, None, :] > torch.arange(a, e)[None, :, None], float("-inf"))
-                mass = F.pad(s.softmax(-1).sum(0), (0, nb * bs - e)).view(e - a, nb, bs).sum(-1)
+                p, _ = attention_target(q[b, a:e, hs], K[:e], scale, a)                  # [C, e]
+                mass = F.pad(p, (0, nb * bs - e)).view(e - a, nb, bs).sum(-1)
                 sel = choose_blocks(mass.log(), torch.arange(a, e) // bs, m)
-                out[b, a:e, h0:h1] = attend_blocks(q[b, a:e, h0:h1], K, V, scale, v_dim, sel, a, bs)
+                out[b, a:e, hs] = attend_blocks(q[b, a:e, hs], K, V, scale, v_dim, sel, a, bs)
     return out
 
 
