@@ -242,7 +242,7 @@ class Engine:
     def _hidden_states(self, ids, pos, attn):
         """The model's forward for this step: decode-only steps through the flat loop when it can
         run this model (checked every step: modules may have been swapped since), else the modules."""
-        if attn.all_decode and not torch.is_grad_enabled():
+        if attn.all_decode:
             if self.flat is None or not self.flat.current():
                 self.flat = FlatDecoder.of(self.model)
             if self.flat is not None:

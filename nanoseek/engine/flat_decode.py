@@ -3,9 +3,10 @@
 Why: at batch-1 decode on a CPU the matmuls are a minority of a token's time, and a 30-layer
 model's nn.Module calls, attribute lookups and per-call checks are a measurable part of the rest
 (SmolLM2-135M int4, one thread: 12.0 ms a token this way against 13.0 through the modules;
-docs/BENCHMARKS.md). llama.cpp has no such layer. `FlatDecoder` reads the tensors a decode step needs out of the modules once (the
-same tensors: in-place weight updates reach it) and runs Block.forward's math op for op, so the
-hidden states are bit-identical to the modules' (tests/test_flat_decode.py).
+docs/BENCHMARKS.md). llama.cpp has no such layer. `FlatDecoder` reads the tensors a decode step
+needs out of the modules once (the same tensors: in-place weight updates reach it) and runs
+Block.forward's math op for op, so the hidden states are bit-identical to the modules'
+(tests/test_flat_decode.py).
 
 It applies to dense GQA models (Llama, Qwen2, SmolLM2): every layer GQA with packed q/k/v
 (model/packing.py) and a SwiGLU MLP with packed gate/up, no indexer, projections that are
@@ -24,10 +25,6 @@ from nanoseek.model.layers import MLP, RMSNorm, apply_rope
 from nanoseek.quant import int4, int8
 from nanoseek.quant.layers import Int4Linear, Int8Linear
 
-INT8_MM = torch.ops.aten._weight_int8pack_mm.default
-INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-
-
 def _matmul(m):
     """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> fn(x [M, K])
     computing what its forward computes, with the same ops; None for any other module."""
@@ -36,26 +33,19 @@ def _matmul(m):
         w, b = (m.weight, m.bias) if quant is None else (quant.weight, quant.bias)
         return lambda x: F.linear(x, w, b)
     if type(quant) is Int8Linear and not quant.dynamic:
-        q, scale, bias, K = quant.qweight, quant.weight_scale, quant.bias, quant.in_features
-        s16 = scale.view(-1).to(torch.bfloat16)
+        q, scale, bias = quant.qweight, quant.weight_scale, quant.bias
+        s16 = scale.view(-1).to(torch.bfloat16)  # converted once, not every call
 
         def int8_mm(x):
-            if (x.shape[0] <= int8.PACK_MAX_M and K % int8.PACK_K_MULTIPLE == 0 and x.dtype == torch.bfloat16
-                    and x.device.type == "cpu" and q.data_ptr() % int8.ALIGN == 0):
-                y = INT8_MM(int8.aligned(x), q, s16)
-            else:
-                y = int8.weight_only_mm(x, q, scale)
+            y = int8.weight_only_mm(x, q, scale, s16)
             return y if bias is None else y + bias
         return int8_mm
     if type(quant) is Int4Linear:
-        bias, probe = quant.bias, torch.zeros(1, quant.in_features, dtype=quant.dtype, device=quant.qweight.device)
-        kernel = quant.kernel(probe)
+        q, scale, lo, bias = quant.qweight, quant.weight_scale, quant.weight_min, quant.bias
+        kernel = quant.kernel(torch.zeros(1, quant.in_features, dtype=quant.dtype, device=q.device))  # built once
 
         def int4_mm(x):
-            if kernel is not None and x.shape[0] <= int4.KERNEL_MAX_M and x.dtype == quant.dtype:
-                y = INT4_MM(x.contiguous(), kernel[0], quant.in_features // quant.weight_scale.shape[1], kernel[1])
-            else:
-                y = int4.weight_only_mm(x, quant.qweight, quant.weight_scale, quant.weight_min, quant.kernel(x))
+            y = int4.weight_only_mm(x, q, scale, lo, kernel if x.dtype == quant.dtype else quant.kernel(x))
             return y if bias is None else y + bias
         return int4_mm
     return None

@@ -18,10 +18,6 @@ from nanoseek.quant.layers import (QUANT_EMBEDDINGS, QUANT_LINEARS, QUANT_MODULE
 
 SCHEMES = ("int8", "int8-dynamic", "int4", "fp8")
 
-# the module classes each scheme's weights live in (int8 and int8-dynamic share theirs)
-SCHEME_MODULES = {"int8": (Int8Linear, Int8Embedding), "int8-dynamic": (Int8Linear, Int8Embedding),
-                  "int4": (Int4Linear, Int8Embedding), "fp8": (Fp8Linear, Fp8Embedding)}
-
 
 class QuantizedTransformer(Transformer):
     """A Transformer some of whose modules are quantized; `quant_scheme` says how.
@@ -57,16 +53,22 @@ def dynamic_activations(scheme: str, name: str) -> bool:
     return scheme == "int8-dynamic" and name != "lm_head"
 
 
-def quantized_linear(name: str, scheme: str, weight, bias, dtype) -> nn.Module:
+def linear_class(name: str, scheme: str, in_features: int) -> type:
+    """The module a projection becomes under `scheme`. int4 keeps lm_head in int8, as the
+    embeddings (the logits feed sampling; a Q4_1 GGUF keeps its output matrix in 8 bits too),
+    and so any K that int4's groups cannot tile."""
     if scheme == "fp8":
-        return Fp8Linear.from_float(weight, bias, dtype)
-    if scheme == "int4":
-        # lm_head stays int8, as the embeddings (the logits feed sampling; a Q4_1 GGUF keeps
-        # its output matrix in 8 bits too), and so does a K that int4's groups cannot tile
-        if name == "lm_head" or weight.shape[1] % int4.GROUP:
-            return Int8Linear.from_float(weight, bias, dtype=dtype)
-        return Int4Linear.from_float(weight, bias, dtype)
-    return Int8Linear.from_float(weight, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
+        return Fp8Linear
+    if scheme == "int4" and name != "lm_head" and in_features % int4.GROUP == 0:
+        return Int4Linear
+    return Int8Linear
+
+
+def quantized_linear(name: str, scheme: str, weight, bias, dtype) -> nn.Module:
+    cls = linear_class(name, scheme, weight.shape[1])
+    if cls is Int8Linear:
+        return Int8Linear.from_float(weight, bias, dynamic=dynamic_activations(scheme, name), dtype=dtype)
+    return cls.from_float(weight, bias, dtype)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
@@ -74,7 +76,7 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, (Int8Linear, Int8Embedding)):
         return int8.dequantize_rows(module.qweight, module.weight_scale)
     if isinstance(module, Int4Linear):
-        return int4.dequantize(int4.unpack_nibbles(module.qweight), module.weight_scale, module.weight_min)
+        return int4.dequantize_packed(module.qweight, module.weight_scale, module.weight_min)
     if isinstance(module, (Fp8Linear, Fp8Embedding)):
         return fp8.dequantize(module.qweight, module.weight_scale_inv, torch.float32)
     return module.weight.float()
@@ -125,8 +127,9 @@ def quantize_model(model: Transformer, scheme: str, quantize_embeddings: bool = 
     cfg = model.config
     for name in targets(model, quantize_embeddings):
         old = model.get_submodule(name)
-        if isinstance(old, SCHEME_MODULES[scheme]) or (scheme == "int4" and name == "lm_head"
-                                                        and isinstance(old, Int8Linear)):
+        kind = ((Fp8Embedding if scheme == "fp8" else Int8Embedding) if name == "embed_tokens"
+                else linear_class(name, scheme, old.in_features))
+        if isinstance(old, kind):
             if isinstance(old, Int8Linear):  # same weights: only the activation path differs
                 old.dynamic = dynamic_activations(scheme, name)
             continue

@@ -49,6 +49,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype=tor
     return wg.view(q.shape).to(dtype)
 
 
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype=torch.float32):
+    """The checkpoint layout (nibbles uint8 [..., K/2], scale/min) -> float [..., K]."""
+    return dequantize(unpack_nibbles(packed), scale, lo, dtype)
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 [..., K] in 0..15 -> uint8 [..., K/2]: column 2i low nibble, 2i+1 high."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
@@ -78,4 +83,4 @@ def weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
     if kernel is not None and M <= KERNEL_MAX_M:
         group = x.shape[1] // scale.shape[1]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), kernel[0], group, kernel[1])
-    return F.linear(x, dequantize(unpack_nibbles(packed), scale, lo, x.dtype))
+    return F.linear(x, dequantize_packed(packed, scale, lo, x.dtype))

@@ -57,13 +57,15 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / sx).round_().to(torch.int8), sx
 
 
-def weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (float) @ (q * scale)^T -> [M, N] in x.dtype."""
+def weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_x=None) -> torch.Tensor:
+    """x [M, K] (float) @ (q * scale)^T -> [M, N] in x.dtype. scale_x: the scale already as a
+    flat vector in x.dtype (what the packed kernel takes), for callers that keep one."""
     M, K = x.shape
     if (M <= PACK_MAX_M and K % PACK_K_MULTIPLE == 0 and x.device.type == "cpu"
             and x.dtype == torch.bfloat16):
         if q.data_ptr() % ALIGN == 0:  # Int8Linear aligns its weight once; never copy it per call
-            return torch.ops.aten._weight_int8pack_mm(aligned(x), q, scale.view(-1).to(x.dtype))
+            s = scale_x if scale_x is not None and scale_x.dtype == x.dtype else scale.view(-1).to(x.dtype)
+            return torch.ops.aten._weight_int8pack_mm(aligned(x), q, s)
     # the per-row scale factors out of the dot product: scale the N outputs, not the N*K weights
     return F.linear(x, q.to(x.dtype)) * scale.view(-1).to(x.dtype)
 

@@ -89,7 +89,7 @@ class Int4Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return int4.dequantize(int4.unpack_nibbles(self.qweight), self.weight_scale, self.weight_min, self.dtype)
+        return int4.dequantize_packed(self.qweight, self.weight_scale, self.weight_min, self.dtype)
 
     def kernel(self, x: torch.Tensor):
         """The CPU kernel's weight for x's dtype, or None where it cannot run."""
