@@ -92,7 +92,8 @@ def packable(modules) -> bool:
 def pack_projections(model) -> int:
     """Pack every GQA layer's q/k/v and every SwiGLU MLP's gate/up (dense layers, routed and
     shared experts), and re-pack those whose modules were swapped since; returns how many.
-    Modules that differ in kind, dtype or bias are left as they are. The packed matmuls run only without autograd (generation, evaluation)."""
+    Modules that differ in kind, dtype or bias are left as they are. The packed matmuls run only
+    without autograd (generation, evaluation)."""
     from nanoseek.model.attention import GQA
     from nanoseek.model.layers import MLP
     count = 0
