@@ -310,11 +310,10 @@ def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024
 
 
 def block_positions(sel, block: int, pos):
-    """Selected blocks sel [T, m] of queries at positions pos [T] -> the key positions they see,
-    idx [T, m * block], and valid [T, m * block] (False: padding, or later than the query)."""
-    T = sel.shape[0]
-    idx = (sel.clamp(min=0)[:, :, None] * block + torch.arange(block, device=sel.device)).view(T, -1)
-    valid = (sel >= 0).repeat_interleave(block, 1) & (idx <= pos[:, None])
+    """Selected blocks sel [T, m] (or [T, G, m], per group) of queries at positions pos [T] -> the
+    key positions they see, idx [..., m * block], and valid (False: padding, or later than the query)."""
+    idx = (sel.clamp(min=0)[..., None] * block + torch.arange(block, device=sel.device)).flatten(-2)
+    valid = (sel >= 0).repeat_interleave(block, -1) & (idx <= pos.view(-1, *[1] * (sel.dim() - 1)))
     return idx, valid
 
 

@@ -132,13 +132,8 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     sel [T, G, m] (per-group selection): each group of heads over its own blocks.
     """
     if sel.dim() == 3:
-        G, Hkv = sel.shape[1], K.shape[1]
-        parts = []
-        for g in range(G):
-            hs, ks = group_heads(g, G, q.shape[1], Hkv)
-            parts.append(attend_blocks(q[:, hs], K[:, ks], None if V is None else V[:, ks], scale, v_dim,
-                                       sel[:, g], start, block, slots))
-        return torch.cat(parts, 1)
+        return by_group(sel.shape[1], q, K, V, lambda qg, Kg, Vg, g: attend_blocks(qg, Kg, Vg, scale, v_dim,
+                                                                                   sel[:, g], start, block, slots))
     T, H, Dk = q.shape
     dev = q.device
     m = sel.shape[1]
@@ -265,6 +260,16 @@ def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slo
     return out
 
 
+def by_group(G: int, q, K, V, attend):
+    """Per-group selection: attend(q_g, K_g, V_g, g) for each of G groups of query heads with
+    their slice of KV heads (V None: MLA-style values in K); the outputs joined along heads."""
+    parts = []
+    for g in range(G):
+        hs, ks = group_heads(g, G, q.shape[1], K.shape[1])
+        parts.append(attend(q[:, hs], K[:, ks], None if V is None else V[:, ks], g))
+    return torch.cat(parts, 1)
+
+
 # ---- the engine's paged cache ---------------------------------------------------------------
 
 def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
@@ -300,13 +305,8 @@ def paged_sparse_attend(ctx, layer, q, scale, v_dim, index: IndexerOutput):
         else:
             idx, valid = decode_blocks(iq[rows], iw[rows], IK, lens, index.topk, index.block)
         if idx.dim() == 3:  # per-group selection: each group of heads over its own keys
-            G, qd = idx.shape[1], q[rows]
-            parts = []
-            for g in range(G):
-                hs, ks = group_heads(g, G, q.shape[1], Kpool.shape[1])
-                parts.append(sparse_attention(qd[:, hs], Kpool[:, ks], None if Vpool is None else Vpool[:, ks],
-                                              slots.gather(1, idx[:, g]), valid[:, g], scale, v_dim))
-            out[rows] = torch.cat(parts, 1)
+            out[rows] = by_group(idx.shape[1], q[rows], Kpool, Vpool, lambda qg, Kg, Vg, g: sparse_attention(
+                qg, Kg, Vg, slots.gather(1, idx[:, g]), valid[:, g], scale, v_dim))
         else:
             out[rows] = sparse_attention(q[rows], Kpool, Vpool, slots.gather(1, idx), valid, scale, v_dim)
     for row, new, cached, table in ctx.prefills:
@@ -332,12 +332,7 @@ def decode_blocks(iq, iw, IK, lens, topk: int, block: int):
     w = iw if iw.dim() == 3 else iw.unsqueeze(1)                                      # [B, G, H_I]
     s = torch.baddbmm(recency_bias(nb, iq.dtype).expand(B, w.shape[1], nb), w,
                       torch.bmm(iq, Kb.transpose(1, 2)).relu_())                     # [B, G, nb]
-    if iw.dim() == 2:
-        return block_positions(choose_blocks(s[:, 0], own, topk // block), block, lens - 1)
-    G = w.shape[1]
-    sel = choose_blocks(s, own, topk // block)                                        # [B, G, m]
-    idx, valid = block_positions(sel.flatten(0, 1), block, (lens - 1).repeat_interleave(G))
-    return idx.view(B, G, -1), valid.view(B, G, -1)
+    return block_positions(choose_blocks(s if iw.dim() == 3 else s[:, 0], own, topk // block), block, lens - 1)
 
 
 __all__ = ["sparse_attention", "attend_rows", "attend_blocks", "sparse_causal_attention", "attend_selected",
