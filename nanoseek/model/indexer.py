@@ -470,9 +470,7 @@ def add_indexers(model, n_heads: int = 4, head_dim: int = 64, topk: int = 512, l
     cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk = n_heads, head_dim, topk
     cfg.index_layers = None if layers is None else sorted(int(i) for i in layers)
     cfg.index_block_size, cfg.index_groups = block_size, groups
-    if block_size < 1 or topk % block_size:
-        raise NanoseekError(f"index block size {block_size} must be >= 1 and divide top-k {topk}")
-    cfg.__post_init__()  # the config's own checks (index_groups: GQA, blocks, divides n_kv_heads)
+    cfg.__post_init__()  # the config's own checks: block size divides top-k; groups (GQA, blocks, divide n_kv_heads)
     gen = torch.Generator().manual_seed(seed)
     for i, block in enumerate(model.layers):
         attn = block.self_attn
