@@ -338,19 +338,20 @@ def oracle(args):
     what a perfect indexer would reach at this top-k and block size."""
     import nanoseek
     import nanoseek.model.attention as attention
+    from nanoseek.train.sparse_stages import indexers
     torch.set_num_threads(args.threads)
     model, tok = nanoseek.load(None, "bf16")
     _, held = text_tokens(tok)
-    add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size)
+    add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size)  # only
+    # their block size and top-k are used: the oracle replaces their scores
     dense_layers = {int(i) for i in args.dense_layers.split(",")} if args.dense_layers else set()
     res = dict(topk=args.topk, block_size=args.block_size, dense_layers=args.dense_layers, windows=args.windows, ppl={})
     real = attention.sparse_causal_attention
     for ctx in [int(c) for c in args.ppl_lengths.split(",")]:
         row = {}
         for name, per_group in (("dense", None), ("shared", False), ("per_group", True)):
-            for ix in model.modules():
-                if getattr(ix, "kl_every", None) is not None:
-                    ix.dense = name == "dense" or ix.layer_id in dense_layers
+            for ix in indexers(model):
+                ix.dense = name == "dense" or ix.layer_id in dense_layers
             attention.sparse_causal_attention = (lambda q, k, v, sc, vd, index, pg=per_group:
                                                  oracle_attention(q, k, v, sc, vd, index, pg))
             row[name] = perplexity(model, held, ctx, args.windows)
