@@ -2,8 +2,8 @@
 
 Why: at batch-1 decode on a CPU the matmuls are a minority of a token's time, and a 30-layer
 model's nn.Module calls, attribute lookups and per-call checks are a measurable part of the rest
-(SmolLM2-135M int4, one thread: 12.0 ms a token this way against 13.0 through the modules;
-docs/BENCHMARKS.md). llama.cpp has no such layer. `FlatDecoder` reads the tensors a decode step
+(SmolLM2-135M int4, one thread: ~11.7 ms a token this way against ~13.6 through the modules;
+bench/decode_parts.py). llama.cpp has no such layer. `FlatDecoder` reads the tensors a decode step
 needs out of the modules once (the same tensors: in-place weight updates reach it) and runs
 Block.forward's math op for op, so the hidden states are bit-identical to the modules'
 (tests/test_flat_decode.py).

@@ -13,10 +13,10 @@ weight_min fp32 [N, K/GROUP].
 
 Kernel: torch's CPU `_weight_int4pack_mm_for_cpu` computes x @ w^T from its own packed layout
 (made by `_convert_weight_to_int4pack_for_cpu`) with w = (q - 8) * s + z, so z = min + 8 * scale.
-Measured here (2 threads, 3072x576, µs): M=4 kernel 66 | dequantise + bf16 GEMM 1206 | bf16
-weights 186; M=32 509 | 1653 | 350; M=128 1966 | 2354 | 915; M=256 4356 | 3598 | 1443. The
-kernel's time grows linearly with M (a GEMV loop): it is the fast path for batch-1 decode, and
-beats dequantising up to ~128 rows; above KERNEL_MAX_M rows (prefill chunks) the weights are
+Measured here (bench/decode_parts.py, 2 threads, 3072x576, µs): M=1 kernel 36 | dequantise +
+bf16 GEMM 1700-7000 (noisy) | bf16 weights 77; M=32 372 | ~2700 | 192; M=128 1814 | ~2000 |
+568; M=256 3056 | ~2500 | 1058. The kernel's time grows linearly with M (a GEMV loop): it is
+the fast path for batch-1 decode, and beats dequantising up to ~128 rows; above KERNEL_MAX_M rows (prefill chunks) the weights are
 dequantised into the activation dtype and multiplied there. At every M > ~16 bf16 weights are
 faster: int4 trades batch throughput for batch-1 speed and size.
 """
