@@ -12,8 +12,11 @@ if [ "${1:-}" = "--test" ]; then
   need=""
   command -v bwrap >/dev/null || need="$need bubblewrap"
   command -v chromium >/dev/null || need="$need chromium"
+  command -v g++ >/dev/null || need="$need g++"  # the native decode loop (engine/native.py)
   if [ -n "$need" ]; then
     (apt-get update -qq && apt-get install -y -qq $need) >/dev/null 2>&1 || echo "warning: could not apt-get install$need" >&2
   fi
 fi
 nanoseek pull >/dev/null
+# the native decode loop, built once now rather than on the first generation (needs a C++ compiler)
+$PY -c "from nanoseek.engine import native; native.module()"

@@ -20,18 +20,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from nanoseek.engine import native
+from nanoseek.engine.paged_attention import PagedAttention
 from nanoseek.model.attention import GQA
 from nanoseek.model.layers import MLP, RMSNorm, apply_rope
 from nanoseek.quant import int4, int8
 from nanoseek.quant.layers import Int4Linear, Int8Linear
 
 def _matmul(m):
-    """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> fn(x [M, K])
-    computing what its forward computes, with the same ops; None for any other module."""
+    """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> (fn(x [M, K])
+    computing what its forward computes with the same ops, its native form or None); None for any
+    other module. The native form is (kind, [weight, bias, scale], group, dtype): what
+    csrc/decode.cpp's Proj runs, for activations of that dtype (None: any float dtype)."""
     quant = m if isinstance(m, nn.Module) else m.quant  # a Packed stands for its stack (quant None: float)
+    empty = torch.empty(0)
     if quant is None or type(quant) is nn.Linear:
         w, b = (m.weight, m.bias) if quant is None else (quant.weight, quant.bias)
-        return lambda x: F.linear(x, w, b)
+        return (lambda x: F.linear(x, w, b)), (0, [w, empty if b is None else b, empty], 0, w.dtype)
     if type(quant) is Int8Linear and not quant.dynamic:
         q, scale, bias = quant.qweight, quant.weight_scale, quant.bias
         s16 = scale.view(-1).to(torch.bfloat16)  # converted once, not every call
@@ -39,7 +44,8 @@ def _matmul(m):
         def int8_mm(x):
             y = int8.weight_only_mm(x, q, scale, s16)
             return y if bias is None else y + bias
-        return int8_mm
+        native = (1, [q, empty if bias is None else bias, scale.view(-1)], 0, None)
+        return int8_mm, native
     if type(quant) is Int4Linear:
         q, scale, lo, bias = quant.qweight, quant.weight_scale, quant.weight_min, quant.bias
         kernel = quant.kernel(torch.zeros(1, quant.in_features, dtype=quant.dtype, device=q.device))  # built once
@@ -47,9 +53,10 @@ def _matmul(m):
         def int4_mm(x):
             y = int4.weight_only_mm(x, q, scale, lo, kernel if x.dtype == quant.dtype else quant.kernel(x))
             return y if bias is None else y + bias
-        return int4_mm
+        native = None if kernel is None else (
+            2, [kernel[0], empty if bias is None else bias, kernel[1]], quant.in_features // scale.shape[1], quant.dtype)
+        return int4_mm, native
     return None
-
 
 class FlatDecoder:
     """The model's hidden_states for decode steps, as a flat loop; build with `FlatDecoder.of(model)`
@@ -57,6 +64,8 @@ class FlatDecoder:
 
     def __init__(self, model, layers):
         self.model, self.layers = model, layers
+        self.natives = {}  # activation dtype -> the compiled loop over these layers (None: not for it)
+        self.has_int4 = any(nat is not None and nat[0] == 2 for *_, nats in layers for nat in nats)
         # what current() re-checks every step, as plain dict lookups (nn.Module.__getattr__ would
         # cost more than the loop saves): the module tree under each layer is the same objects, every
         # parameter and buffer is the same tensor in the same storage, the packed stacks are the
@@ -87,7 +96,8 @@ class FlatDecoder:
             mms = [_matmul(m) for m in (attn.packed, attn.o_proj, mlp.packed, mlp.down_proj)]
             if any(mm is None for mm in mms):
                 return None
-            layers.append((blk, attn, mlp, attn.packed, mlp.packed, attn.o_proj, mlp.down_proj, mms))
+            layers.append((blk, attn, mlp, attn.packed, mlp.packed, attn.o_proj, mlp.down_proj,
+                           [fn for fn, _ in mms], [nat for _, nat in mms]))
         return cls(model, layers)
 
     def current(self) -> bool:
@@ -99,12 +109,18 @@ class FlatDecoder:
                 and all(d.get(name) is t and t.data_ptr() == ptr for d, name, t, ptr in self.tensors))
 
     def hidden_states(self, input_ids, positions, cache):
-        """model.hidden_states(input_ids, positions, cache), the same ops in the same order."""
+        """model.hidden_states(input_ids, positions, cache): the compiled loop where it can run this
+        step, else the same ops as the modules in the same order."""
         model = self.model
         x = model.embed_tokens(input_ids)
         cos, sin = model.rope(positions, x.dtype)
         B, T, dim = x.shape
-        for blk, attn, mlp, _, _, _, _, (qkv_mm, o_mm, gu_mm, down_mm) in self.layers:
+        nat = self._native(x, cache)
+        if nat is not None:
+            store = cache.cache
+            return nat.step(x[0], cos[0], sin[0], store.k, store.v, cache.slots, cache.decode_tables,
+                            cache.decode_lens, model.norm.weight, model.norm.eps)[None]
+        for blk, attn, mlp, _, _, _, _, (qkv_mm, o_mm, gu_mm, down_mm), _ in self.layers:
             H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
             h = _rms_norm(x, blk.input_layernorm)
             qkv = qkv_mm(h.reshape(-1, dim)).view(B, T, H + 2 * Hkv, D)
@@ -115,6 +131,48 @@ class FlatDecoder:
             gate, up = gu_mm(h).chunk(2, dim=-1)
             x = x + down_mm(F.silu(gate) * up).view(B, T, dim)
         return _rms_norm(x, model.norm)
+
+
+    def _native(self, x, cache):
+        """The compiled loop (csrc/decode.cpp) for this step, or None: it runs all-decode steps over
+        the paged cache, in fp32 or bf16, with rows the int4 kernel takes."""
+        if not (isinstance(cache, PagedAttention) and cache.all_decode and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
+                and cache.cache.v[0] is not None and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
+            return None
+        if x.dtype not in self.natives:
+            self.natives[x.dtype] = self._build_native(x.dtype)
+        return self.natives[x.dtype]
+
+    def _build_native(self, dtype):
+        mod = native.module()
+        first = self.layers[0][1]
+        if mod is None or first.head_dim % 8:  # its attention reads heads eight floats at a time
+            return None
+        shape = (first.n_heads, first.n_kv_heads, first.head_dim, first.scale, first.interleaved)
+        dec = mod.Decoder(shape[0], shape[1], shape[2], float(shape[3]), bool(shape[4]))
+        norms = [self.model.norm] + [n for blk, *_ in self.layers for n in (blk.input_layernorm, blk.post_attention_layernorm)]
+        if any(n.weight.dtype != dtype or not n.weight.is_contiguous() for n in norms):
+            return None
+        for blk, attn, mlp, *_, nats in self.layers:
+            if (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.interleaved) != shape:
+                return None
+            parts, kinds, groups, pack_max = [], [], [], []
+            for nat in nats:
+                if nat is None or nat[3] not in (None, dtype):
+                    return None
+                kind, (w, b, scale), group, _ = nat
+                if (kind == 0 and w.dtype != dtype) or (b.numel() and b.dtype != dtype):
+                    return None
+                if kind == 1:  # what int8.weight_only_mm multiplies by, in the activation dtype
+                    scale = scale.to(dtype)
+                parts.append([w, b, scale])
+                kinds.append(kind)
+                groups.append(group)
+                pack_max.append(int8.PACK_MAX_M if kind == 1 and w.data_ptr() % int8.ALIGN == 0 else 0)
+            dec.add_layer(blk.input_layernorm.weight, blk.input_layernorm.eps, blk.post_attention_layernorm.weight,
+                          blk.post_attention_layernorm.eps, *parts, kinds, groups, pack_max)
+        return dec
 
 
 def _rms_norm(x, norm: RMSNorm):

@@ -1,0 +1,361 @@
+// Decode steps of a dense GQA model in one C++ loop: the native form of engine/flat_decode.py.
+//
+// Why: at batch-1 decode on a CPU a token is ~120 small matmuls plus ~1,000 tiny ops (norms, RoPE,
+// cache writes and gathers, softmax, residual adds), and each tiny op costs more in dispatch,
+// allocation and Python than in arithmetic. Here the matmuls stay ATen's kernels (the same
+// int4/int8/bf16 ones the modules call) and everything between them is a plain loop over the
+// row, fused where the Python form makes several passes (residual add + RMSNorm, SiLU * up,
+// RoPE + cache write). Attention reads the paged cache in place: no gather of the sequence's
+// blocks, one pass per KV head over its keys for all of the head's query heads.
+//
+// The rounding follows the modules step for step (each op's result rounded to the model dtype
+// where theirs is), so the hidden states differ from theirs only in the order of float sums
+// (tests/test_flat_decode.py bounds the difference).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// A projection as the modules run it: 0 float (nn.Linear), 1 int8 weight-only, 2 int4.
+struct Proj {
+  int64_t kind = 0;
+  Tensor w;       // float weight [N, K], int8 qweight [N, K], or the int4 kernel's packed weight
+  Tensor bias;    // undefined when none
+  Tensor scale;   // int8: per-row scale in the activation dtype [N]; int4: the kernel's scales/zeros
+  int64_t group = 0;        // int4 group size
+  int64_t pack_max_m = 0;   // int8: rows up to which the packed kernel runs (quant/int8.py PACK_MAX_M)
+  int64_t pack_k_multiple = 16;
+
+  Tensor operator()(const Tensor& x) const {
+    Tensor y;
+    if (kind == 0) return at::linear(x, w, bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt);
+    if (kind == 1) {
+      // quant/int8.py weight_only_mm: the packed kernel for few bf16 rows, else q in x's dtype
+      if (x.size(0) <= pack_max_m && x.size(1) % pack_k_multiple == 0 && x.scalar_type() == at::kBFloat16)
+        y = at::_weight_int8pack_mm(x, w, scale);
+      else
+        y = at::linear(x, w.to(x.scalar_type())) * scale;
+    } else {
+      y = at::_weight_int4pack_mm_for_cpu(x, w, group, scale);  // Python checked rows <= KERNEL_MAX_M
+    }
+    return bias.defined() ? y + bias : y;
+  }
+};
+
+struct Layer {
+  Tensor ln1, ln2;  // RMSNorm weights
+  double eps1, eps2;
+  Proj qkv, o, gate_up, down;
+};
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
+// the model dtype's rounding of a float result (identity for fp32)
+template <typename T> inline float rnd(float v) { return to_f(from_f<T>(v)); }
+
+// y = w * rms_norm(x.float()).to(T), each row; as RMSNorm.forward rounds it
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
+  for (int64_t r = 0; r < rows; r++) {
+    const T* xr = x + r * n;
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      for (int j = 0; j < 16; j++) { float v = to_f(xr[i + j]); acc[j] += v * v; }
+    float ss = 0;
+    for (int j = 0; j < 16; j++) ss += acc[j];
+    for (; i < n; i++) { float v = to_f(xr[i]); ss += v * v; }
+    float inv = 1.0f / std::sqrt(ss / n + static_cast<float>(eps));
+    for (i = 0; i < n; i++) y[r * n + i] = from_f<T>(to_f(w[i]) * rnd<T>(to_f(xr[i]) * inv));
+  }
+}
+
+// q and k heads of each row of qkv [rows, (H + Hkv + Hkv) * D] rotated in place (model/layers.py
+// apply_rope: half-split, or interleaved pairs written back in half-split order); cos/sin [rows, D/2]
+template <typename T>
+void rope_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t width, int64_t D,
+               bool interleaved) {
+  const int64_t half = D / 2;
+  std::vector<float> a(half), b(half);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* c = cos + r * half;
+    const T* s = sin + r * half;
+    for (int64_t h = 0; h < heads; h++) {
+      T* x = qkv + r * width + h * D;
+      for (int64_t i = 0; i < half; i++) {
+        a[i] = to_f(interleaved ? x[2 * i] : x[i]);
+        b[i] = to_f(interleaved ? x[2 * i + 1] : x[half + i]);
+      }
+      for (int64_t i = 0; i < half; i++) {
+        float ci = to_f(c[i]), si = to_f(s[i]);
+        x[i] = from_f<T>(rnd<T>(a[i] * ci) - rnd<T>(b[i] * si));
+        x[half + i] = from_f<T>(rnd<T>(b[i] * ci) + rnd<T>(a[i] * si));
+      }
+    }
+  }
+}
+
+// Eight floats as one value (GCC/Clang vector extensions): AVX where the build enables it, two
+// SSE/NEON registers otherwise. bf16 widens to float by a 16-bit shift, exactly.
+typedef float f8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) { f8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline f8 load8(const c10::BFloat16* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f8 v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+typedef int32_t i8x8 __attribute__((vector_size(32)));
+
+// e^x eight at a time: Cephes' expf, 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial
+// (within ~2 ulp of std::exp; std::exp one at a time was most of a 32-row step's softmax and SiLU)
+inline f8 exp8(f8 x) {
+  x = x < -87.0f ? f8{} - 87.0f : x;
+  x = x > 88.0f ? f8{} + 88.0f : x;
+  const f8 fx = x * 1.44269504088896341f;
+  const i8x8 n = __builtin_convertvector(fx + (fx < 0 ? f8{} - 0.5f : f8{} + 0.5f), i8x8);  // round to nearest
+  const f8 nf = __builtin_convertvector(n, f8);
+  const f8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f8 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const i8x8 bits = (n + 127) << 23;
+  f8 scale2n;
+  std::memcpy(&scale2n, &bits, sizeof scale2n);
+  return y * scale2n;
+}
+
+inline float hsum(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// out [rows, H * D]: each row's query heads over its sequence's cached keys, read from the paged
+// cache in place. kc/vc [num_blocks, block_size, Hkv, D]; tables [rows, W] block ids; lens [rows].
+// D a multiple of 8 (the caller checks).
+//
+// A task is one row's KV heads j0 .. j0 + hpt: all of them when there are rows enough for every
+// thread (each token's keys are then one contiguous read of Hkv * D, which the prefetchers
+// stream; a task per head read every third 128 bytes and ran at a third of DRAM speed), else one
+// head a task so that a single sequence still spreads over the threads.
+template <typename T>
+void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int64_t block_size,
+                     const int64_t* tables, int64_t table_width, const int64_t* lens, T* out, int64_t rows,
+                     int64_t H, int64_t Hkv, int64_t D, float scale) {
+  const int64_t G = H / Hkv, C = D / 8;
+  int64_t max_len = 1;
+  for (int64_t r = 0; r < rows; r++) max_len = std::max(max_len, lens[r]);
+  const int64_t hpt = rows >= at::get_num_threads() ? Hkv : 1, per_row = Hkv / hpt, nq = hpt * G;
+  // split only where a task is worth a thread's start-up
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(max_len * nq * D, 1));
+  at::parallel_for(0, rows * per_row, grain, [&](int64_t begin, int64_t end) {
+    std::vector<f8> q(nq * C), acc(nq * C);
+    std::vector<float> p(nq * max_len), mx(nq), sum(nq);
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t r = task / per_row, j0 = (task % per_row) * hpt, L = lens[r];
+      const int64_t* table = tables + r * table_width;
+      const T* qr = qkv + r * width + j0 * G * D;  // the task's query heads, in order
+      for (int64_t i = 0; i < nq * C; i++) q[i] = load8(qr + i * 8) * scale;
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      for (int64_t t = 0; t < L; t++) {  // scores q . k of each query head against its KV head
+        const T* k = kc + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D;
+        for (int64_t h = 0; h < nq; h++) {
+          const T* kh = k + (h / G) * D;
+          f8 s = q[h * C] * load8(kh);
+          for (int64_t c = 1; c < C; c++) s += q[h * C + c] * load8(kh + c * 8);
+          const float v = hsum(s);
+          p[h * L + t] = v;
+          mx[h] = std::max(mx[h], v);
+        }
+      }
+      for (int64_t h = 0; h < nq; h++) {  // p <- e^(p - max), and its sum
+        float* ph = p.data() + h * L;
+        f8 s8{};
+        int64_t t = 0;
+        for (; t + 8 <= L; t += 8) {
+          f8 e = exp8(load8(ph + t) - mx[h]);
+          std::memcpy(ph + t, &e, sizeof e);
+          s8 += e;
+        }
+        float s = hsum(s8);
+        for (; t < L; t++) s += (ph[t] = std::exp(ph[t] - mx[h]));
+        sum[h] = s;
+      }
+      for (auto& a : acc) a = f8{};
+      for (int64_t t = 0; t < L; t++) {  // softmax-weighted values
+        const T* v = vc + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D;
+        for (int64_t jj = 0; jj < hpt; jj++)
+          for (int64_t c = 0; c < C; c++) {
+            const f8 vv = load8(v + jj * D + c * 8);
+            for (int64_t g = 0; g < G; g++) acc[(jj * G + g) * C + c] += p[(jj * G + g) * L + t] * vv;
+          }
+      }
+      for (int64_t h = 0; h < nq; h++) {
+        T* o = out + r * H * D + (j0 * G + h) * D;
+        const float inv = 1.0f / sum[h];
+        for (int64_t d = 0; d < D; d++) o[d] = from_f<T>(acc[h * C + d / 8][d % 8] * inv);
+      }
+    }
+  });
+}
+
+class Decoder {
+ public:
+  Decoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double scale, bool interleaved)
+      : H_(n_heads), Hkv_(n_kv_heads), D_(head_dim), scale_(scale), interleaved_(interleaved) {}
+
+  void add_layer(Tensor ln1, double eps1, Tensor ln2, double eps2, std::vector<Tensor> qkv,
+                 std::vector<Tensor> o, std::vector<Tensor> gate_up, std::vector<Tensor> down,
+                 std::vector<int64_t> kinds, std::vector<int64_t> groups, std::vector<int64_t> pack_max_m) {
+    Layer l{ln1, ln2, eps1, eps2};
+    std::vector<Tensor>* parts[4] = {&qkv, &o, &gate_up, &down};
+    Proj* projs[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+    for (int i = 0; i < 4; i++) {  // each part: [weight, bias or empty, scale or empty]
+      Proj& p = *projs[i];
+      p.kind = kinds[i];
+      p.group = groups[i];
+      p.pack_max_m = pack_max_m[i];
+      p.w = (*parts[i])[0];
+      if ((*parts[i])[1].numel()) p.bias = (*parts[i])[1];
+      p.scale = (*parts[i])[2];
+    }
+    layers_.push_back(std::move(l));
+  }
+
+  // x [rows, dim] embedded tokens, one decoding sequence a row; cos/sin [rows, D/2];
+  // k_cache/v_cache: each layer's [num_blocks, block_size, Hkv, D]; slots [rows]: where each
+  // row's key and value go; tables [rows, W], lens [rows] (with the new token).
+  // Returns final_norm(hidden) [rows, dim].
+  Tensor step(Tensor x, Tensor cos, Tensor sin, const std::vector<Tensor>& k_cache,
+              const std::vector<Tensor>& v_cache, Tensor slots, Tensor tables, Tensor lens, Tensor norm,
+              double norm_eps) {
+    TORCH_CHECK(k_cache.size() == layers_.size() && v_cache.size() == layers_.size(),
+                "native decode: the cache has ", k_cache.size(), " layers, the model ", layers_.size());
+    x = x.contiguous().clone();  // updated in place: the residual stream
+    cos = cos.contiguous();
+    sin = sin.contiguous();
+    slots = slots.contiguous();
+    tables = tables.contiguous();
+    lens = lens.contiguous();
+    AT_DISPATCH_SWITCH(x.scalar_type(), "nanoseek_decode_step",
+        AT_DISPATCH_CASE(at::kFloat, [&] { run<float>(x, cos, sin, k_cache, v_cache, slots, tables, lens); })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] { run<c10::BFloat16>(x, cos, sin, k_cache, v_cache, slots, tables, lens); }));
+    Tensor y = at::empty_like(x);
+    AT_DISPATCH_SWITCH(x.scalar_type(), "nanoseek_decode_norm",
+        AT_DISPATCH_CASE(at::kFloat, [&] { norm_into<float>(x, norm, y, norm_eps); })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] { norm_into<c10::BFloat16>(x, norm, y, norm_eps); }));
+    return y;
+  }
+
+ private:
+  template <typename T>
+  static void norm_into(const Tensor& x, const Tensor& w, Tensor& y, double eps) {
+    rms_norm_rows<T>(x.data_ptr<T>(), w.data_ptr<T>(), y.data_ptr<T>(), x.size(0), x.size(1), eps);
+  }
+
+  template <typename T>
+  void run(Tensor& x, const Tensor& cos, const Tensor& sin, const std::vector<Tensor>& k_cache,
+           const std::vector<Tensor>& v_cache, const Tensor& slots, const Tensor& tables, const Tensor& lens) {
+    const int64_t rows = x.size(0), dim = x.size(1), H = H_, Hkv = Hkv_, D = D_;
+    const int64_t width = (H + 2 * Hkv) * D;
+    Tensor h = at::empty_like(x);
+    Tensor attn = at::empty({rows, H * D}, x.options());
+    T* xp = x.data_ptr<T>();
+    for (const Layer& l : layers_) {
+      const size_t li = &l - layers_.data();
+      rms_norm_rows<T>(xp, l.ln1.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps1);
+      Tensor qkv = l.qkv(h).contiguous();
+      T* qp = qkv.data_ptr<T>();
+      rope_rows<T>(qp, cos.data_ptr<T>(), sin.data_ptr<T>(), rows, H + Hkv, width, D, interleaved_);
+      // this token's key and value into its cache slot
+      const Tensor& kc = k_cache[li];
+      const Tensor& vc = v_cache[li];
+      T* kcp = kc.data_ptr<T>();
+      T* vcp = vc.data_ptr<T>();
+      const int64_t* sp = slots.data_ptr<int64_t>();
+      for (int64_t r = 0; r < rows; r++) {
+        std::copy(qp + r * width + H * D, qp + r * width + (H + Hkv) * D, kcp + sp[r] * Hkv * D);
+        std::copy(qp + r * width + (H + Hkv) * D, qp + (r + 1) * width, vcp + sp[r] * Hkv * D);
+      }
+      paged_attention<T>(qp, width, kcp, vcp, kc.size(1), tables.data_ptr<int64_t>(), tables.size(1),
+                         lens.data_ptr<int64_t>(), attn.data_ptr<T>(), rows, H, Hkv, D,
+                         static_cast<float>(scale_));
+      Tensor o = l.o(attn).contiguous();
+      const T* op = o.data_ptr<T>();
+      for (int64_t i = 0; i < rows * dim; i++) xp[i] = from_f<T>(to_f(xp[i]) + to_f(op[i]));
+      rms_norm_rows<T>(xp, l.ln2.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps2);
+      Tensor gu = l.gate_up(h).contiguous();
+      const int64_t F = gu.size(1) / 2;
+      Tensor act = at::empty({rows, F}, x.options());
+      const T* gp = gu.data_ptr<T>();
+      T* ap = act.data_ptr<T>();
+      std::vector<float> silu(F);
+      for (int64_t r = 0; r < rows; r++) {  // F.silu(gate) * up, each rounded as the modules round it
+        const T* gr = gp + r * 2 * F;
+        int64_t i = 0;
+        for (; i + 8 <= F; i += 8) {
+          const f8 g = load8(gr + i);
+          const f8 s = g / (1.0f + exp8(-g));
+          std::memcpy(silu.data() + i, &s, sizeof s);
+        }
+        for (; i < F; i++) silu[i] = to_f(gr[i]) / (1.0f + std::exp(-to_f(gr[i])));
+        for (i = 0; i < F; i++) ap[r * F + i] = from_f<T>(rnd<T>(silu[i]) * to_f(gr[F + i]));
+      }
+      Tensor d = l.down(act).contiguous();
+      const T* dp = d.data_ptr<T>();
+      for (int64_t i = 0; i < rows * dim; i++) xp[i] = from_f<T>(to_f(xp[i]) + to_f(dp[i]));
+    }
+  }
+
+  int64_t H_, Hkv_, D_;
+  double scale_;
+  bool interleaved_;
+  std::vector<Layer> layers_;
+};
+
+// the attention alone, for tests and benchmarks: qkv [rows, (H + 2 Hkv) * D] (its q part is read)
+Tensor attention(Tensor qkv, Tensor kc, Tensor vc, Tensor tables, Tensor lens, int64_t H, int64_t Hkv, double scale) {
+  qkv = qkv.contiguous();
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  const int64_t rows = qkv.size(0), D = kc.size(3);
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == qkv.scalar_type() && D % 8 == 0,
+              "attention: contiguous caches of the query's dtype, head_dim a multiple of 8");
+  Tensor out = at::empty({rows, H * D}, qkv.options());
+  AT_DISPATCH_SWITCH(qkv.scalar_type(), "nanoseek_attention",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        paged_attention<float>(qkv.data_ptr<float>(), qkv.size(1), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                               kc.size(1), tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
+                               out.data_ptr<float>(), rows, H, Hkv, D, static_cast<float>(scale)); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        using T = c10::BFloat16;
+        paged_attention<T>(qkv.data_ptr<T>(), qkv.size(1), kc.data_ptr<T>(), vc.data_ptr<T>(), kc.size(1),
+                           tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(),
+                           rows, H, Hkv, D, static_cast<float>(scale)); }));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, bool>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("step", &Decoder::step);
+  m.def("attention", &attention);
+}

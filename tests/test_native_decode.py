@@ -1,0 +1,121 @@
+"""The compiled decode loop (engine/csrc/decode.cpp, loaded by engine/native.py): its paged
+attention against a dense reference, and every decode step of the engine against the Python loop
+it replaces, from the same cache state, in each precision it runs."""
+
+import os
+
+import pytest
+import torch
+
+from nanoseek.checkpoint.hf import load_hf
+from nanoseek.engine import Engine, native
+from nanoseek.engine.flat_decode import FlatDecoder
+from nanoseek.quant import quantize_model
+from nanoseek.sampling import SamplingParams
+from tests.tiny_models import make_llama, make_qwen2
+
+from tests.fixtures import one_thread  # noqa: E402,F401  (autouse: this module runs on one thread)
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = native.module()
+    if m is None:
+        if os.environ.get("NANOSEEK_REQUIRE_NATIVE") == "1":
+            pytest.fail("the native decode loop did not build (see the message above)")
+        pytest.skip("no C++ compiler: the native decode loop is not built")
+    return m
+
+
+def reference_attention(qkv, kc, vc, tables, lens, H, Hkv, scale):
+    """Each row's query heads over its cached keys, by plain dense softmax attention in float64."""
+    D = kc.shape[-1]
+    out = []
+    for r in range(qkv.shape[0]):
+        L = int(lens[r])
+        K = kc[tables[r]].flatten(0, 1)[:L].double().repeat_interleave(H // Hkv, dim=1)  # [L, H, D]
+        V = vc[tables[r]].flatten(0, 1)[:L].double().repeat_interleave(H // Hkv, dim=1)
+        q = qkv[r, :H * D].view(H, D).double()
+        p = (torch.einsum("hd,lhd->hl", q, K) * scale).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", p, V).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # 2: a single sequence splits by KV head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_dense_attention(mod, dtype, threads):
+    torch.manual_seed(0)
+    H, Hkv, D, bs, nb = 6, 2, 16, 4, 64
+    kc, vc = torch.randn(nb, bs, Hkv, D, dtype=dtype), torch.randn(nb, bs, Hkv, D, dtype=dtype)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens in ([1], [13], [1, 7, 30, 9, 22]):  # one key; a partial last block; mixed lengths
+            lens = torch.tensor(lens)
+            width = int((lens.max() + bs - 1) // bs)
+            tables = torch.randperm(nb)[:len(lens) * width].view(len(lens), width)  # scattered blocks
+            qkv = torch.randn(len(lens), (H + 2 * Hkv) * D, dtype=dtype)
+            got = mod.attention(qkv, kc, vc, tables, lens, H, Hkv, D ** -0.5)
+            want = reference_attention(qkv, kc, vc, tables, lens, H, Hkv, D ** -0.5)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+            assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (lens, (got.double() - want).abs().max())
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    out = {}
+    for name, make in (("llama", make_llama), ("qwen2", make_qwen2)):  # qwen2: q/k/v biases
+        out[name] = tmp_path_factory.mktemp(name)
+        make(out[name])
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_decode_step_agrees_with_the_python_loop(mod, sources, monkeypatch, arch, precision):
+    model = load_hf(sources[arch], "fp32" if precision in ("int8", "int4") else precision)
+    if precision in ("int8", "int4"):  # bf16 activations: the int8 and int4 CPU kernels' dtype
+        model = quantize_model(model, precision, dtype=torch.bfloat16, quantize_embeddings=True)
+    python_step = FlatDecoder.hidden_states
+    checked, errors = [], []
+
+    def both(self, ids, pos, cache):
+        """This step as the engine runs it, then (where that was the compiled loop) again from the
+        same cache state in Python; carry on with Python's."""
+        saved = [t.clone() for t in cache.cache.k + cache.cache.v]
+        got = python_step(self, ids, pos, cache)
+        if not (cache.all_decode and self.natives.get(got.dtype)):
+            return got
+        for t, s in zip(cache.cache.k + cache.cache.v, saved):
+            t.copy_(s)
+        with monkeypatch.context() as m:
+            m.setattr(FlatDecoder, "_native", lambda self, x, cache: None)
+            want = python_step(self, ids, pos, cache)
+        checked.append(ids.shape[1])
+        errors.append(((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
+        return want
+
+    monkeypatch.setattr(FlatDecoder, "hidden_states", both)
+    engine = Engine(model, None, num_blocks=64, block_size=4)
+    for p, n in (([3, 5, 7, 11, 13], 6), ([2] * 17, 9), (list(range(20, 29)), 12)):  # 3 rows, then 2, then 1
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert checked and max(checked) == 3 and min(checked) == 1  # decode steps of 3 rows ran natively, down to 1
+    # fp32: only the order of float sums differs; bf16 activations: a few roundings land one ulp off
+    assert max(errors) < (1e-5 if precision == "fp32" else 2e-2), errors
+
+
+def test_native_steps_aside_when_disabled(monkeypatch, sources):
+    monkeypatch.setenv("NANOSEEK_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.module() is None
+    model = load_hf(sources["llama"])
+    engine = Engine(model, None, num_blocks=64, block_size=4)
+    engine.add_request([3, 5, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        out = engine.step()
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert engine.flat is not None and engine.flat.natives == {torch.float32: None}  # the Python loop ran it
