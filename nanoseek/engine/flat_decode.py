@@ -135,8 +135,9 @@ class FlatDecoder:
 
     def _native(self, x, cache):
         """The compiled loop (csrc/decode.cpp) for this step, or None: it runs all-decode steps over
-        the paged cache, in fp32 or bf16, with rows the int4 kernel takes."""
-        if not (isinstance(cache, PagedAttention) and cache.all_decode and x.device.type == "cpu"
+        the paged cache, in fp32 or bf16, with rows the int4 kernel takes, and leaves a prefix all
+        sequences share to the cascade attention (paged_attention.py), which reads it once for all."""
+        if not (isinstance(cache, PagedAttention) and cache.all_decode and not cache.shared and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
                 and cache.cache.v[0] is not None and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
             return None
