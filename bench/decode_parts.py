@@ -3,8 +3,8 @@
   1. the int4 kernel (at every M, beyond where Int4Linear uses it) against dequantise + bf16
      GEMM and plain bf16 weights, by rows M;
   2. all 30 layers' projections streamed from DRAM at one row: int8 kernel against int4 kernel;
-  3. the engine's decode step with the flat loop (engine/flat_decode.py) against the modules,
-     interleaved A/B in one process (same tokens checked).
+  3. the engine's decode step with the compiled loop (engine/csrc/decode.cpp), the Python loop
+     (engine/flat_decode.py) and the modules, interleaved in one process (same tokens checked).
 
     python bench/decode_parts.py [--threads 2] [--precision int4]
 
@@ -77,14 +77,18 @@ def streamed_layers(n_layers=30):
 
 
 def flat_vs_modules(precision, rounds=3, tokens=64):
+    """The engine's batch-1 decode step three ways, interleaved in one process: the compiled loop
+    (engine/csrc/decode.cpp), the Python loop (engine/flat_decode.py) and the modules."""
     import nanoseek.engine.engine as engine_mod
+    from nanoseek.engine.flat_decode import FlatDecoder
     model, tok = nanoseek.load(smollm2_path(), precision)
     engine = engine_mod.Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
-    real = engine_mod.FlatDecoder.of
+    real_of, real_native = engine_mod.FlatDecoder.of, FlatDecoder._native
     prompt = list(range(100, 132))
 
-    def step_ms(flat):
-        engine_mod.FlatDecoder.of = real if flat else (lambda m: None)
+    def step_ms(way):
+        engine_mod.FlatDecoder.of = real_of if way != "modules" else (lambda m: None)
+        FlatDecoder._native = real_native if way == "native" else (lambda self, x, cache: None)
         engine.flat = None
         engine.add_request(prompt, nanoseek.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
         times, out = [], None
@@ -94,16 +98,18 @@ def flat_vs_modules(precision, rounds=3, tokens=64):
             times.append(time.perf_counter() - t)
             out = outs[0] if outs else out
         return median(times[1:]) * 1e3, out.outputs[0].token_ids
+    ways = ("native", "flat", "modules")
     try:
-        step_ms(True)
-        res = {"flat_ms": [], "modules_ms": [], "same_tokens": True}
+        step_ms("native")
+        res = {f"{w}_ms": [] for w in ways}
+        tokens_of = {}
         for _ in range(rounds):
-            (a, ta), (b, tb) = step_ms(True), step_ms(False)
-            res["flat_ms"].append(round(a, 2))
-            res["modules_ms"].append(round(b, 2))
-            res["same_tokens"] &= ta == tb
+            for w in ways:
+                ms, tokens_of[w] = step_ms(w)
+                res[f"{w}_ms"].append(round(ms, 2))
+        res["same_tokens"] = tokens_of["native"] == tokens_of["flat"] == tokens_of["modules"]
     finally:
-        engine_mod.FlatDecoder.of = real
+        engine_mod.FlatDecoder.of, FlatDecoder._native = real_of, real_native
     return res
 
 
@@ -120,8 +126,8 @@ def main():
     lines = ["| rows M | int4 kernel µs | dequantise + bf16 GEMM µs | bf16 weights µs |", "|---|---|---|---|"]
     lines += [f"| {r['M']} | {r['int4_kernel']:.0f} | {r['dequantise_gemm']:.0f} | {r['bf16']:.0f} |" for r in k]
     lines += ["", f"30 layers streamed, one row: int8 {st['int8_ms']:.2f} ms, int4 {st['int4_ms']:.2f} ms",
-              f"decode step ({args.precision}): flat {fm['flat_ms']} ms, modules {fm['modules_ms']} ms, "
-              f"same tokens: {fm['same_tokens']}"]
+              f"decode step ({args.precision}): native {fm['native_ms']} ms, flat {fm['flat_ms']} ms, "
+              f"modules {fm['modules_ms']} ms, same tokens: {fm['same_tokens']}"]
     write_results(Path(args.out), f"decode_parts_{args.threads}t", res, "\n".join(lines))
 
 

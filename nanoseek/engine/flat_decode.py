@@ -15,6 +15,8 @@ still the ones it read (a LoRA wrap, quantize_model or a dtype cast replaces the
 forward hook wants to see them run; otherwise the engine runs the modules.
 """
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,10 @@ class FlatDecoder:
                                  for name, t in d.items() if t is not None]
             self.hooks += [d for m in (blk, attn, mlp, blk.input_layernorm, blk.post_attention_layernorm,
                                        attn.o_proj, mlp.down_proj) for d in (m._forward_hooks, m._forward_pre_hooks)]
+        entries = self.edges + [(d, name, t) for d, name, t, _ in self.tensors]
+        self.dicts, self.names, self.objects = ([e[i] for e in entries] for i in range(3))
+        self.tensor_objects = [t for _, _, t, _ in self.tensors]
+        self.pointers = tuple(ptr for *_, ptr in self.tensors)
 
     @classmethod
     def of(cls, model) -> "FlatDecoder | None":
@@ -104,9 +110,10 @@ class FlatDecoder:
         """Still the modules and tensors it read, with nothing that wants to see the modules run?"""
         if torch.is_grad_enabled() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
+        # map() over C functions: a Python generator here cost ~0.3-0.8 ms a token, 5-10% of one
         return (len(self.model.layers) == len(self.layers) and not any(self.hooks)
-                and all(d.get(name) is obj for d, name, obj in self.edges)
-                and all(d.get(name) is t and t.data_ptr() == ptr for d, name, t, ptr in self.tensors))
+                and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.objects))
+                and tuple(map(torch.Tensor.data_ptr, self.tensor_objects)) == self.pointers)
 
     def hidden_states(self, input_ids, positions, cache):
         """model.hidden_states(input_ids, positions, cache): the compiled loop where it can run this
