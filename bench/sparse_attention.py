@@ -239,6 +239,10 @@ def quality(args):
     else:
         add_indexers(model, args.index_heads, args.index_dim, args.topk, seed=0, block_size=args.block_size,
                      groups=args.index_groups)
+    if args.new_block_size:  # the saved indexers at another block size: their keys pooled over other blocks
+        model.config.index_block_size = args.new_block_size
+        for ix in indexers(model):
+            ix.block = args.new_block_size
     for ix in indexers(model):
         ix.float()  # fp32 master weights while training
         ix.kl_every = args.kl_every
@@ -411,6 +415,8 @@ def main():
             s.add_argument("--kl-every", type=int, default=1, help="fit every n-th chunk of 64 queries")
             s.add_argument("--index-groups", type=int, default=1, help="selections per layer (3: one per KV head)")
             s.add_argument("--eval-topk", type=int, default=None, help="top-k for the evaluation (default: trained)")
+            s.add_argument("--new-block-size", type=int, default=None,
+                           help="with --init: train and evaluate the saved indexers at this block size")
             s.add_argument("--dense-layers", default=None, help="comma-separated layers evaluated dense")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
     args = p.parse_args()

@@ -224,8 +224,11 @@ class Engine:
             self.blocks.register_full_blocks(seq.tokens, seq.table, seq.hashes, seq.num_computed)
         now = time.monotonic()
         touched = {}
+        # plain greedy rows (no penalty, nothing banned): one argmax for all of them, not one a row
+        plain = [row for row, seq in enumerate(to_sample) if self._plain_greedy(seq)]
+        picks = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
         for row, seq in enumerate(to_sample):
-            self._append_token(seq, logits[row], now)
+            self._append_token(seq, logits[row], now, picks.get(row))
             touched[seq.request_id] = self.requests[seq.request_id]
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
@@ -249,15 +252,23 @@ class Engine:
                 return self.flat.hidden_states(ids, pos, attn)
         return self.model.hidden_states(ids, pos, attn)
 
-    def _append_token(self, seq: Sequence, logits: torch.Tensor, now: float):
+    @staticmethod
+    def _plain_greedy(seq: Sequence) -> bool:
         p = seq.params
-        logits = logits.clone()
-        raw = logits if seq.logprobs is None else logits.clone()
-        apply_penalties(logits, p, seq.prompt_ids, seq.output_ids)
-        if len(seq.output_ids) < p.min_tokens:  # nothing may end the sequence yet
-            banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
-            logits[banned] = float("-inf")
-        token = sample_row(logits, p, seq.generator)
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and len(seq.output_ids) >= p.min_tokens)
+
+    def _append_token(self, seq: Sequence, raw: torch.Tensor, now: float, token: int | None = None):
+        """raw: the row's logits, left as they are (logprobs come from them); token: already
+        chosen (a plain greedy row), else sampled here."""
+        p = seq.params
+        if token is None:
+            logits = raw.clone()  # penalties and bans work in place
+            apply_penalties(logits, p, seq.prompt_ids, seq.output_ids)
+            if len(seq.output_ids) < p.min_tokens:  # nothing may end the sequence yet
+                banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids))
+                logits[banned] = float("-inf")
+            token = sample_row(logits, p, seq.generator)
         seq.output_ids.append(token)
         self.metrics.generation_tokens += 1
         if seq.first_token_time is None:

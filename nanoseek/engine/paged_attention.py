@@ -132,7 +132,11 @@ class PagedAttention:
             if self.all_decode:
                 return o.view(1, B, q.shape[1], v_dim)
             out[self.decode_rows] = o.view(B, q.shape[1], v_dim)
+        whole = {}  # prompts with nothing cached, by length: their keys are this step's own rows
         for row, new, cached, table in self.prefills:
+            if cached == 0 and new > 1:
+                whole.setdefault(new, []).append(row)
+                continue
             total = cached + new
             K = kc[table].flatten(0, 1)[:total]                 # [L, Hkv, Dk]
             V = vc[table].flatten(0, 1)[:total] if vc is not None else K[..., :v_dim]
@@ -144,4 +148,12 @@ class PagedAttention:
                                                V.transpose(0, 1)[None], attn_mask=mask, is_causal=cached == 0,
                                                scale=scale, enable_gqa=kc.shape[2] != q.shape[1])
             out[row:row + new] = o[0].transpose(0, 1)
+        for new, rows in whole.items():
+            # one causal SDPA call for all prompts of a length (its flash kernel spreads the batch
+            # over the threads; one call a prompt cost ~0.45 ms each at 128 tokens)
+            Q, K = (torch.stack([t[r:r + new] for r in rows]).transpose(1, 2) for t in (q, k))  # [B, H, T, D]
+            V = K[..., :v_dim] if vc is None else torch.stack([v[0, r:r + new] for r in rows]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=scale, enable_gqa=K.shape[1] != Q.shape[1])
+            for i, r in enumerate(rows):
+                out[r:r + new] = o[i].transpose(0, 1)
         return out.unsqueeze(0)

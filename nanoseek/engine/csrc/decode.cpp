@@ -143,6 +143,12 @@ inline f8 exp8(f8 x) {
   return y * scale2n;
 }
 
+// ask for the bytes at p .. p + n ahead of their use: a sequence's blocks lie anywhere in the pool,
+// and the hardware prefetchers stop at each block's end
+inline void prefetch(const void* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i);
+}
+
 inline float hsum(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // out [rows, H * D]: each row's query heads over its sequence's cached keys, read from the paged
@@ -172,8 +178,12 @@ void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int6
       const T* qr = qkv + r * width + j0 * G * D;  // the task's query heads, in order
       for (int64_t i = 0; i < nq * C; i++) q[i] = load8(qr + i * 8) * scale;
       std::fill(mx.begin(), mx.end(), -INFINITY);
+      // a token's row in the cache, and the same row one block on (to prefetch)
+      auto row = [&](const T* base, int64_t t) { return base + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D; };
+      const int64_t row_bytes = hpt * D * sizeof(T);
       for (int64_t t = 0; t < L; t++) {  // scores q . k of each query head against its KV head
-        const T* k = kc + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D;
+        const T* k = row(kc, t);
+        if (t + block_size < L) prefetch(row(kc, t + block_size), row_bytes);
         for (int64_t h = 0; h < nq; h++) {
           const T* kh = k + (h / G) * D;
           f8 s = q[h * C] * load8(kh);
@@ -198,7 +208,8 @@ void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int6
       }
       for (auto& a : acc) a = f8{};
       for (int64_t t = 0; t < L; t++) {  // softmax-weighted values
-        const T* v = vc + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D;
+        const T* v = row(vc, t);
+        if (t + block_size < L) prefetch(row(vc, t + block_size), row_bytes);
         for (int64_t jj = 0; jj < hpt; jj++)
           for (int64_t c = 0; c < C; c++) {
             const f8 vv = load8(v + jj * D + c * 8);
