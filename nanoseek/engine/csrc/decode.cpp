@@ -4,13 +4,13 @@
 // cache writes and gathers, softmax, residual adds), and each tiny op costs more in dispatch,
 // allocation and Python than in arithmetic. Here the matmuls stay ATen's kernels (the same
 // int4/int8/bf16 ones the modules call) and everything between them is a plain loop over the
-// row, fused where the Python form makes several passes (residual add + RMSNorm, SiLU * up,
-// RoPE + cache write). Attention reads the paged cache in place: no gather of the sequence's
-// blocks, one pass per KV head over its keys for all of the head's query heads.
+// rows: one pass each where the Python form makes several (RMSNorm, RoPE, SiLU * up), no
+// temporaries. Attention reads the paged cache in place: no gather of the sequence's blocks, and
+// each KV head's keys are read once for all of the head's query heads.
 //
 // The rounding follows the modules step for step (each op's result rounded to the model dtype
 // where theirs is), so the hidden states differ from theirs only in the order of float sums
-// (tests/test_flat_decode.py bounds the difference).
+// and in exp's last bits (tests/test_native_decode.py bounds the difference).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -367,6 +367,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, bool>())
       .def("add_layer", &Decoder::add_layer)
-      .def("step", &Decoder::step);
-  m.def("attention", &attention);
+      // without the GIL: the server's event loop keeps streaming while the engine thread decodes
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
