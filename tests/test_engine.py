@@ -50,6 +50,24 @@ def reference_greedy(model, prompt, n):
     return out
 
 
+def test_prompts_of_one_length_prefill_together_as_each_alone(model):
+    """Whole prompts of equal length share one causal attention call (paged_attention.py): the
+    first token's logprobs of each equal those of the prompt prefilled alone."""
+    ps = prompts(4, seed=21, lo=17, hi=18) + prompts(2, seed=22, lo=9, hi=10)  # two lengths, 6 prompts
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=3)
+    engine = Engine(model, None, block_size=4, enable_prefix_caching=False)
+    rids = [engine.add_request(p, first) for p in ps]
+    together = {o.request_id: o for o in engine.step()}  # every prompt prefilled in this one step
+    assert len(together) == len(ps)
+    for rid, p in zip(rids, ps):
+        alone = Engine(model, None, block_size=4, enable_prefix_caching=False)
+        alone.add_request(p, first)
+        want, got = alone.step()[0].outputs[0].logprobs[0], together[rid].outputs[0].logprobs[0]
+        assert got["token_id"] == want["token_id"]
+        assert [t for t, _ in got["top"]] == [t for t, _ in want["top"]]
+        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
+
+
 def test_greedy_same_alone_or_among_31_others(model):
     ps = prompts(32)
     llm = LLM(model, block_size=4, max_batch_tokens=64)
