@@ -13,6 +13,10 @@ It applies to dense GQA models (Llama, Qwen2, SmolLM2): every layer GQA with pac
 nn.Linear, weight-only Int8Linear or Int4Linear. `current()` checks each step that the modules are
 still the ones it read (a LoRA wrap, quantize_model or a dtype cast replaces them) and that no
 forward hook wants to see them run; otherwise the engine runs the modules.
+
+Where it can, an all-decode step goes on to the compiled form of this loop (csrc/decode.cpp via
+native.py: the same matmul kernels, the small ops as C++ loops, the paged cache attended in
+place), which agrees with this one up to the order of float sums.
 """
 
 import operator
@@ -59,6 +63,7 @@ def _matmul(m):
             2, [kernel[0], empty if bias is None else bias, kernel[1]], quant.in_features // scale.shape[1], quant.dtype)
         return int4_mm, native
     return None
+
 
 class FlatDecoder:
     """The model's hidden_states for decode steps, as a flat loop; build with `FlatDecoder.of(model)`
@@ -138,7 +143,6 @@ class FlatDecoder:
             gate, up = gu_mm(h).chunk(2, dim=-1)
             x = x + down_mm(F.silu(gate) * up).view(B, T, dim)
         return _rms_norm(x, model.norm)
-
 
     def _native(self, x, cache):
         """The compiled loop (csrc/decode.cpp) for this step, or None: it runs all-decode steps over
