@@ -3,6 +3,7 @@ attention against a dense reference, and every decode step of the engine against
 it replaces, from the same cache state, in each precision it runs."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -119,3 +120,19 @@ def test_native_steps_aside_when_disabled(monkeypatch, sources):
         out = engine.step()
     assert len(out[0].outputs[0].token_ids) == 4
     assert engine.flat is not None and engine.flat.natives == {torch.float32: None}  # the Python loop ran it
+
+
+def test_a_lock_left_by_a_killed_build_is_dropped(monkeypatch, tmp_path, capsys):
+    """torch's builder waits forever on its lock file; one older than any build is removed."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / native.NAME
+    build.mkdir()
+    lock = build / "lock"
+    lock.write_text("")
+    native._announce_or_unlock()
+    assert lock.exists()  # a build may be running now: left alone
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    native._announce_or_unlock()
+    assert not lock.exists()
+    assert "building the native decode loop" in capsys.readouterr().err  # nothing built there yet
