@@ -77,19 +77,18 @@ class FlatDecoder:
         # cost more than the loop saves): the module tree under each layer is the same objects, every
         # parameter and buffer is the same tensor in the same storage, the packed stacks are the
         # ones read, and no module the modules' forward would call has a hook
-        self.edges, self.tensors, self.hooks = [(model._modules, "layers", model.layers)], [], []
+        edges, tensors, self.hooks = [(model._modules, "layers", model.layers)], [], []
         for i, (blk, attn, mlp, pqkv, pgu, *_) in enumerate(layers):
-            self.edges += [(model.layers._modules, str(i), blk), (attn.__dict__, "packed", pqkv), (mlp.__dict__, "packed", pgu)]
+            edges += [(model.layers._modules, str(i), blk), (attn.__dict__, "packed", pqkv), (mlp.__dict__, "packed", pgu)]
             for m in blk.modules():
-                self.edges += [(m._modules, name, child) for name, child in m._modules.items()]
-                self.tensors += [(d, name, t, t.data_ptr()) for d in (m._parameters, m._buffers)
-                                 for name, t in d.items() if t is not None]
+                edges += [(m._modules, name, child) for name, child in m._modules.items()]
+                tensors += [(d, name, t) for d in (m._parameters, m._buffers) for name, t in d.items() if t is not None]
             self.hooks += [d for m in (blk, attn, mlp, blk.input_layernorm, blk.post_attention_layernorm,
                                        attn.o_proj, mlp.down_proj) for d in (m._forward_hooks, m._forward_pre_hooks)]
-        entries = self.edges + [(d, name, t) for d, name, t, _ in self.tensors]
-        self.dicts, self.names, self.objects = ([e[i] for e in entries] for i in range(3))
-        self.tensor_objects = [t for _, _, t, _ in self.tensors]
-        self.pointers = tuple(ptr for *_, ptr in self.tensors)
+        # as parallel lists, for current()'s map()s: each dict must still hold its object under that name
+        self.dicts, self.names, self.objects = (list(col) for col in zip(*edges, *tensors))
+        self.tensor_objects = [t for _, _, t in tensors]
+        self.pointers = tuple(t.data_ptr() for t in self.tensor_objects)
 
     @classmethod
     def of(cls, model) -> "FlatDecoder | None":
@@ -150,7 +149,7 @@ class FlatDecoder:
         sequences share to the cascade attention (paged_attention.py), which reads it once for all."""
         if not (isinstance(cache, PagedAttention) and cache.all_decode and not cache.shared and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
-                and cache.cache.v[0] is not None and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
+                and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
             return None
         if x.dtype not in self.natives:
             self.natives[x.dtype] = self._build_native(x.dtype)
@@ -174,14 +173,17 @@ class FlatDecoder:
                 if nat is None or nat[3] not in (None, dtype):
                     return None
                 kind, (w, b, scale), group, _ = nat
-                if (kind == 0 and w.dtype != dtype) or (b.numel() and b.dtype != dtype):
+                if b.numel() and b.dtype != dtype:
                     return None
                 if kind == 1:  # what int8.weight_only_mm multiplies by, in the activation dtype
                     scale = scale.to(dtype)
                 parts.append([w, b, scale])
                 kinds.append(kind)
                 groups.append(group)
-                pack_max.append(int8.PACK_MAX_M if kind == 1 and w.data_ptr() % int8.ALIGN == 0 else 0)
+                # rows up to which int8.weight_only_mm would run the packed kernel here (0: never)
+                packed_ok = (kind == 1 and dtype == torch.bfloat16 and w.shape[1] % int8.PACK_K_MULTIPLE == 0
+                             and w.data_ptr() % int8.ALIGN == 0)
+                pack_max.append(int8.PACK_MAX_M if packed_ok else 0)
             dec.add_layer(blk.input_layernorm.weight, blk.input_layernorm.eps, blk.post_attention_layernorm.weight,
                           blk.post_attention_layernorm.eps, *parts, kinds, groups, pack_max)
         return dec

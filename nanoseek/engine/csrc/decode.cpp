@@ -32,15 +32,14 @@ struct Proj {
   Tensor bias;    // undefined when none
   Tensor scale;   // int8: per-row scale in the activation dtype [N]; int4: the kernel's scales/zeros
   int64_t group = 0;        // int4 group size
-  int64_t pack_max_m = 0;   // int8: rows up to which the packed kernel runs (quant/int8.py PACK_MAX_M)
-  int64_t pack_k_multiple = 16;
+  int64_t pack_max_m = 0;   // int8: rows up to which the packed kernel runs (0: never; flat_decode.py decides)
 
   Tensor operator()(const Tensor& x) const {
     Tensor y;
     if (kind == 0) return at::linear(x, w, bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt);
     if (kind == 1) {
       // quant/int8.py weight_only_mm: the packed kernel for few bf16 rows, else q in x's dtype
-      if (x.size(0) <= pack_max_m && x.size(1) % pack_k_multiple == 0 && x.scalar_type() == at::kBFloat16)
+      if (x.size(0) <= pack_max_m)
         y = at::_weight_int8pack_mm(x, w, scale);
       else
         y = at::linear(x, w.to(x.scalar_type())) * scale;
@@ -263,30 +262,24 @@ class Decoder {
     slots = slots.contiguous();
     tables = tables.contiguous();
     lens = lens.contiguous();
+    Tensor y;
+    auto go = [&](auto zero) { y = run<decltype(zero)>(x, cos, sin, k_cache, v_cache, slots, tables, lens, norm, norm_eps); };
     AT_DISPATCH_SWITCH(x.scalar_type(), "nanoseek_decode_step",
-        AT_DISPATCH_CASE(at::kFloat, [&] { run<float>(x, cos, sin, k_cache, v_cache, slots, tables, lens); })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] { run<c10::BFloat16>(x, cos, sin, k_cache, v_cache, slots, tables, lens); }));
-    Tensor y = at::empty_like(x);
-    AT_DISPATCH_SWITCH(x.scalar_type(), "nanoseek_decode_norm",
-        AT_DISPATCH_CASE(at::kFloat, [&] { norm_into<float>(x, norm, y, norm_eps); })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] { norm_into<c10::BFloat16>(x, norm, y, norm_eps); }));
+        AT_DISPATCH_CASE(at::kFloat, [&] { go(float{}); }) AT_DISPATCH_CASE(at::kBFloat16, [&] { go(c10::BFloat16{}); }));
     return y;
   }
 
  private:
   template <typename T>
-  static void norm_into(const Tensor& x, const Tensor& w, Tensor& y, double eps) {
-    rms_norm_rows<T>(x.data_ptr<T>(), w.data_ptr<T>(), y.data_ptr<T>(), x.size(0), x.size(1), eps);
-  }
-
-  template <typename T>
-  void run(Tensor& x, const Tensor& cos, const Tensor& sin, const std::vector<Tensor>& k_cache,
-           const std::vector<Tensor>& v_cache, const Tensor& slots, const Tensor& tables, const Tensor& lens) {
+  Tensor run(Tensor& x, const Tensor& cos, const Tensor& sin, const std::vector<Tensor>& k_cache,
+             const std::vector<Tensor>& v_cache, const Tensor& slots, const Tensor& tables, const Tensor& lens,
+             const Tensor& norm, double norm_eps) {
     const int64_t rows = x.size(0), dim = x.size(1), H = H_, Hkv = Hkv_, D = D_;
     const int64_t width = (H + 2 * Hkv) * D;
     Tensor h = at::empty_like(x);
     Tensor attn = at::empty({rows, H * D}, x.options());
     T* xp = x.data_ptr<T>();
+    std::vector<float> silu;
     for (const Layer& l : layers_) {
       const size_t li = &l - layers_.data();
       rms_norm_rows<T>(xp, l.ln1.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps1);
@@ -315,7 +308,7 @@ class Decoder {
       Tensor act = at::empty({rows, F}, x.options());
       const T* gp = gu.data_ptr<T>();
       T* ap = act.data_ptr<T>();
-      std::vector<float> silu(F);
+      silu.resize(F);
       for (int64_t r = 0; r < rows; r++) {  // F.silu(gate) * up, each rounded as the modules round it
         const T* gr = gp + r * 2 * F;
         int64_t i = 0;
@@ -331,6 +324,9 @@ class Decoder {
       const T* dp = d.data_ptr<T>();
       for (int64_t i = 0; i < rows * dim; i++) xp[i] = from_f<T>(to_f(xp[i]) + to_f(dp[i]));
     }
+    Tensor y = at::empty_like(x);  // the final norm
+    rms_norm_rows<T>(xp, norm.data_ptr<T>(), y.data_ptr<T>(), rows, dim, norm_eps);
+    return y;
   }
 
   int64_t H_, Hkv_, D_;
@@ -348,16 +344,14 @@ Tensor attention(Tensor qkv, Tensor kc, Tensor vc, Tensor tables, Tensor lens, i
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == qkv.scalar_type() && D % 8 == 0,
               "attention: contiguous caches of the query's dtype, head_dim a multiple of 8");
   Tensor out = at::empty({rows, H * D}, qkv.options());
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    paged_attention<T>(qkv.data_ptr<T>(), qkv.size(1), kc.data_ptr<T>(), vc.data_ptr<T>(), kc.size(1),
+                       tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(), rows,
+                       H, Hkv, D, static_cast<float>(scale));
+  };
   AT_DISPATCH_SWITCH(qkv.scalar_type(), "nanoseek_attention",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        paged_attention<float>(qkv.data_ptr<float>(), qkv.size(1), kc.data_ptr<float>(), vc.data_ptr<float>(),
-                               kc.size(1), tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
-                               out.data_ptr<float>(), rows, H, Hkv, D, static_cast<float>(scale)); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        using T = c10::BFloat16;
-        paged_attention<T>(qkv.data_ptr<T>(), qkv.size(1), kc.data_ptr<T>(), vc.data_ptr<T>(), kc.size(1),
-                           tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(),
-                           rows, H, Hkv, D, static_cast<float>(scale)); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { go(float{}); }) AT_DISPATCH_CASE(at::kBFloat16, [&] { go(c10::BFloat16{}); }));
   return out;
 }
 
