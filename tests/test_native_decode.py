@@ -42,16 +42,19 @@ def reference_attention(qkv, kc, vc, tables, lens, H, Hkv, scale):
     return torch.stack(out)
 
 
+# each head size the kernel is compiled for is its own code; G = H / Hkv query heads a KV head
+@pytest.mark.parametrize("H,Hkv,D", [(6, 2, 16), (9, 3, 64), (14, 2, 128), (4, 4, 8), (8, 2, 32)])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: a single sequence splits by KV head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_dense_attention(mod, dtype, threads):
+def test_paged_attention_matches_dense_attention(mod, dtype, threads, H, Hkv, D):
     torch.manual_seed(0)
-    H, Hkv, D, bs, nb = 6, 2, 16, 4, 64
+    bs, nb = 4, 64
     kc, vc = torch.randn(nb, bs, Hkv, D, dtype=dtype), torch.randn(nb, bs, Hkv, D, dtype=dtype)
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for lens in ([1], [13], [1, 7, 30, 9, 22]):  # one key; a partial last block; mixed lengths
+        # one key; a partial last block; mixed lengths (not multiples of the eight scored at once)
+        for lens in ([1], [13], [1, 7, 30, 9, 22], [16, 8, 3]):
             lens = torch.tensor(lens)
             width = int((lens.max() + bs - 1) // bs)
             tables = torch.randperm(nb)[:len(lens) * width].view(len(lens), width)  # scattered blocks

@@ -33,6 +33,8 @@ from nanoseek.model.layers import MLP, RMSNorm, apply_rope
 from nanoseek.quant import int4, int8
 from nanoseek.quant.layers import Int4Linear, Int8Linear
 
+NATIVE_HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes csrc/decode.cpp's attention is compiled for
+
 def _matmul(m):
     """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> (fn(x [M, K])
     computing what its forward computes with the same ops, its native form or None); None for any
@@ -158,7 +160,7 @@ class FlatDecoder:
     def _build_native(self, dtype):
         mod = native.module()
         first = self.layers[0][1]
-        if mod is None or first.head_dim % 8:  # its attention reads heads eight floats at a time
+        if mod is None or first.head_dim not in NATIVE_HEAD_DIMS:
             return None
         shape = (first.n_heads, first.n_kv_heads, first.head_dim, first.scale, first.interleaved)
         dec = mod.Decoder(shape[0], shape[1], shape[2], float(shape[3]), bool(shape[4]))

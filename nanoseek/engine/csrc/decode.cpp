@@ -150,78 +150,158 @@ inline void prefetch(const void* p, int64_t n) {
 
 inline float hsum(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
+// lane i of the result: the sum of a[i]'s eight lanes (a transpose-and-add tree: 14 shuffles and 7
+// adds for eight sums, where eight horizontal sums take ~40 instructions)
+inline f8 reduce8(const f8* a) {
+  auto pairs = [](f8 x, f8 y) {  // [x01, y01, x23, y23, x45, y45, x67, y67]
+    return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  };
+  auto quads = [](f8 x, f8 y) {  // of two pairs() results: [x0-3, x'0-3, y0-3, y'0-3, x4-7, x'4-7, y4-7, y'4-7]
+    return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  };
+  const f8 lo = quads(pairs(a[0], a[1]), pairs(a[2], a[3])), hi = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 // out [rows, H * D]: each row's query heads over its sequence's cached keys, read from the paged
 // cache in place. kc/vc [num_blocks, block_size, Hkv, D]; tables [rows, W] block ids; lens [rows].
-// D a multiple of 8 (the caller checks).
+// C = D / 8, a compile-time count of eight-float chunks so that a key's chunks stay in registers.
 //
 // A task is one row's KV heads j0 .. j0 + hpt: all of them when there are rows enough for every
-// thread (each token's keys are then one contiguous read of Hkv * D, which the prefetchers
-// stream; a task per head read every third 128 bytes and ran at a third of DRAM speed), else one
-// head a task so that a single sequence still spreads over the threads.
-template <typename T>
-void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int64_t block_size,
-                     const int64_t* tables, int64_t table_width, const int64_t* lens, T* out, int64_t rows,
-                     int64_t H, int64_t Hkv, int64_t D, float scale) {
-  const int64_t G = H / Hkv, C = D / 8;
+// thread, else one head a task so that a single sequence still spreads over the threads. Within a
+// task each KV head is one pass over the keys and one over the values, so a key row is widened
+// from bf16 once for all of its G query heads (not once per query head), scores come eight tokens
+// at a time out of reduce8 (not one horizontal sum each), and the value pass keeps its
+// accumulators in registers: it widens a 32-float slice of every value once into a buffer, then
+// sums it for each query head with four accumulators.
+template <typename T, int C>
+void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, int64_t block_size,
+                       const int64_t* tables, int64_t table_width, const int64_t* lens, T* out, int64_t rows,
+                       int64_t H, int64_t Hkv, float scale) {
+  constexpr int64_t D = C * 8, CW = C < 4 ? C : 4;  // CW: chunks per value pass (one 64-byte line of bf16)
+  const int64_t G = H / Hkv;
   int64_t max_len = 1;
   for (int64_t r = 0; r < rows; r++) max_len = std::max(max_len, lens[r]);
   const int64_t hpt = rows >= at::get_num_threads() ? Hkv : 1, per_row = Hkv / hpt, nq = hpt * G;
   // split only where a task is worth a thread's start-up
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(max_len * nq * D, 1));
   at::parallel_for(0, rows * per_row, grain, [&](int64_t begin, int64_t end) {
-    std::vector<f8> q(nq * C), acc(nq * C);
+    std::vector<f8> q(nq * C), part(G * 8), vbuf(max_len * CW);
     std::vector<float> p(nq * max_len), mx(nq), sum(nq);
+    std::vector<f8> mj8(G);  // running maxima, lane by lane
+    std::vector<int64_t> at(max_len);  // token t's offset in the cache (its row of KV head 0)
     for (int64_t task = begin; task < end; task++) {
       const int64_t r = task / per_row, j0 = (task % per_row) * hpt, L = lens[r];
       const int64_t* table = tables + r * table_width;
       const T* qr = qkv + r * width + j0 * G * D;  // the task's query heads, in order
       for (int64_t i = 0; i < nq * C; i++) q[i] = load8(qr + i * 8) * scale;
-      std::fill(mx.begin(), mx.end(), -INFINITY);
-      // a token's row in the cache, and the same row one block on (to prefetch)
-      auto row = [&](const T* base, int64_t t) { return base + ((table[t / block_size] * block_size + t % block_size) * Hkv + j0) * D; };
-      const int64_t row_bytes = hpt * D * sizeof(T);
-      for (int64_t t = 0; t < L; t++) {  // scores q . k of each query head against its KV head
-        const T* k = row(kc, t);
-        if (t + block_size < L) prefetch(row(kc, t + block_size), row_bytes);
-        for (int64_t h = 0; h < nq; h++) {
-          const T* kh = k + (h / G) * D;
-          f8 s = q[h * C] * load8(kh);
-          for (int64_t c = 1; c < C; c++) s += q[h * C + c] * load8(kh + c * 8);
-          const float v = hsum(s);
-          p[h * L + t] = v;
-          mx[h] = std::max(mx[h], v);
-        }
-      }
-      for (int64_t h = 0; h < nq; h++) {  // p <- e^(p - max), and its sum
-        float* ph = p.data() + h * L;
-        f8 s8{};
-        int64_t t = 0;
-        for (; t + 8 <= L; t += 8) {
-          f8 e = exp8(load8(ph + t) - mx[h]);
-          std::memcpy(ph + t, &e, sizeof e);
-          s8 += e;
-        }
-        float s = hsum(s8);
-        for (; t < L; t++) s += (ph[t] = std::exp(ph[t] - mx[h]));
-        sum[h] = s;
-      }
-      for (auto& a : acc) a = f8{};
-      for (int64_t t = 0; t < L; t++) {  // softmax-weighted values
-        const T* v = row(vc, t);
-        if (t + block_size < L) prefetch(row(vc, t + block_size), row_bytes);
-        for (int64_t jj = 0; jj < hpt; jj++)
-          for (int64_t c = 0; c < C; c++) {
-            const f8 vv = load8(v + jj * D + c * 8);
-            for (int64_t g = 0; g < G; g++) acc[(jj * G + g) * C + c] += p[(jj * G + g) * L + t] * vv;
+      // once a task, not per read: two integer divisions a token cost more than its arithmetic
+      for (int64_t t = 0, b = 0; t < L; b++)
+        for (int64_t i = 0; i < block_size && t < L; i++, t++) at[t] = (table[b] * block_size + i) * Hkv * D;
+      for (int64_t jj = 0; jj < hpt; jj++) {
+        const int64_t j = j0 + jj;
+        // token t's row of KV head j in the cache
+        auto row = [&](const T* base, int64_t t) { return base + at[t] + j * D; };
+        const f8* qj = q.data() + jj * G * C;
+        float* pj = p.data() + jj * G * L;  // [G, L] scores, then probabilities
+        float* mj = mx.data() + jj * G;
+        for (int64_t g = 0; g < G; g++) mj8[g] = f8{} - INFINITY;
+        for (int64_t t0 = 0; t0 < L; t0 += 8) {  // q . k, eight tokens at a time
+          const int64_t n = std::min<int64_t>(8, L - t0);
+          for (int64_t u = 0; u < 8; u++) {
+            if (u >= n) {
+              for (int64_t g = 0; g < G; g++) part[g * 8 + u] = f8{};
+              continue;
+            }
+            const int64_t t = t0 + u;
+            const T* k = row(kc, t);
+            if (jj == 0) {  // the first pass asks for every head's key and value one block ahead:
+              // one contiguous read of whole rows, which later passes then find in L2
+              if (t + block_size < L) {
+                prefetch(row(kc, t + block_size), hpt * D * sizeof(T));
+                prefetch(row(vc, t + block_size), hpt * D * sizeof(T));
+              }
+            }
+            f8 kv[C];
+            for (int c = 0; c < C; c++) kv[c] = load8(k + c * 8);
+            for (int64_t g = 0; g < G; g++) {  // two chains of FMAs: one waits on each add's latency
+              const f8* qg = qj + g * C;
+              f8 s0 = qg[0] * kv[0], s1{};
+              for (int c = 1; c < C; c += 2) {
+                s1 += qg[c] * kv[c];
+                if (c + 1 < C) s0 += qg[c + 1] * kv[c + 1];
+              }
+              part[g * 8 + u] = s0 + s1;
+            }
           }
-      }
-      for (int64_t h = 0; h < nq; h++) {
-        T* o = out + r * H * D + (j0 * G + h) * D;
-        const float inv = 1.0f / sum[h];
-        for (int64_t d = 0; d < D; d++) o[d] = from_f<T>(acc[h * C + d / 8][d % 8] * inv);
+          for (int64_t g = 0; g < G; g++) {
+            f8 s = reduce8(&part[g * 8]);
+            if (n < 8)
+              for (int64_t u = n; u < 8; u++) s[u] = -INFINITY;  // no token: no score, nor a max
+            std::memcpy(pj + g * L + t0, &s, n * sizeof(float));
+            mj8[g] = mj8[g] > s ? mj8[g] : s;
+          }
+        }
+        for (int64_t g = 0; g < G; g++) {
+          const f8 m = mj8[g];
+          mj[g] = std::max(std::max(std::max(m[0], m[1]), std::max(m[2], m[3])), std::max(std::max(m[4], m[5]), std::max(m[6], m[7])));
+        }
+        for (int64_t g = 0; g < G; g++) {  // p <- e^(p - max), and its sum
+          float* ph = pj + g * L;
+          f8 s8{};
+          int64_t t = 0;
+          for (; t + 8 <= L; t += 8) {
+            f8 e = exp8(load8(ph + t) - mj[g]);
+            std::memcpy(ph + t, &e, sizeof e);
+            s8 += e;
+          }
+          float s = hsum(s8);
+          for (; t < L; t++) s += (ph[t] = std::exp(ph[t] - mj[g]));
+          sum[jj * G + g] = s;
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += CW) {  // softmax-weighted values, a 32-float slice at a time
+          for (int64_t t = 0; t < L; t++) {
+            const T* v = row(vc, t) + c0 * 8;
+            for (int64_t cc = 0; cc < CW; cc++) vbuf[t * CW + cc] = load8(v + cc * 8);
+          }
+          for (int64_t g = 0; g < G; g++) {
+            const float* ph = pj + g * L;
+            f8 acc[CW] = {}, odd[CW] = {};  // even and odd tokens: eight chains keep both FMA ports busy
+            int64_t t = 0;
+            for (; t + 2 <= L; t += 2) {
+              const f8 p0 = f8{} + ph[t], p1 = f8{} + ph[t + 1];
+              for (int64_t cc = 0; cc < CW; cc++) {
+                acc[cc] += p0 * vbuf[t * CW + cc];
+                odd[cc] += p1 * vbuf[(t + 1) * CW + cc];
+              }
+            }
+            if (t < L)
+              for (int64_t cc = 0; cc < CW; cc++) acc[cc] += (f8{} + ph[t]) * vbuf[t * CW + cc];
+            for (int64_t cc = 0; cc < CW; cc++) acc[cc] += odd[cc];
+            T* o = out + r * H * D + (j * G + g) * D + c0 * 8;
+            const float inv = 1.0f / sum[jj * G + g];
+            for (int64_t cc = 0; cc < CW; cc++)
+              for (int d = 0; d < 8; d++) o[cc * 8 + d] = from_f<T>(acc[cc][d] * inv);
+          }
+        }
       }
     }
   });
+}
+
+// head_dim D = 8 * C for C in {1, 2, 4, 8, 16}: the sizes the kernel is compiled for
+// (flat_decode.py sends no other)
+template <typename T>
+void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int64_t block_size,
+                     const int64_t* tables, int64_t table_width, const int64_t* lens, T* out, int64_t rows,
+                     int64_t H, int64_t Hkv, int64_t D, float scale) {
+  switch (D) {
+#define NANOSEEK_ATTN_CASE(d) \
+    case d: return paged_attention_c<T, d / 8>(qkv, width, kc, vc, block_size, tables, table_width, lens, out, rows, H, Hkv, scale);
+    NANOSEEK_ATTN_CASE(8) NANOSEEK_ATTN_CASE(16) NANOSEEK_ATTN_CASE(32) NANOSEEK_ATTN_CASE(64) NANOSEEK_ATTN_CASE(128)
+#undef NANOSEEK_ATTN_CASE
+    default: TORCH_CHECK(false, "native attention: head_dim ", D, " is not one of 8, 16, 32, 64, 128");
+  }
 }
 
 class Decoder {
@@ -341,8 +421,8 @@ Tensor attention(Tensor qkv, Tensor kc, Tensor vc, Tensor tables, Tensor lens, i
   tables = tables.contiguous();
   lens = lens.contiguous();
   const int64_t rows = qkv.size(0), D = kc.size(3);
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == qkv.scalar_type() && D % 8 == 0,
-              "attention: contiguous caches of the query's dtype, head_dim a multiple of 8");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == qkv.scalar_type(),
+              "attention: contiguous caches of the query's dtype");
   Tensor out = at::empty({rows, H * D}, qkv.options());
   auto go = [&](auto zero) {
     using T = decltype(zero);
