@@ -215,8 +215,8 @@ class Engine:
                 to_sample.append(seq)
         dev = self.model.device
         attn = PagedAttention(self.cache, ctx)
-        h = self._hidden_states(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), attn)
-        logits = self.model.logits(h[0, rows]) if rows else None
+        h, head = self._forward(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), attn)
+        logits = head(h[0, rows]) if rows else None
         for seq, n in scheduled:
             if seq.num_computed < len(seq.prompt_ids):
                 self.metrics.prompt_tokens += min(n, len(seq.prompt_ids) - seq.num_computed)
@@ -226,7 +226,10 @@ class Engine:
         touched = {}
         # plain greedy rows (no penalty, nothing banned): one argmax for all of them, not one a row
         plain = [row for row, seq in enumerate(to_sample) if self._plain_greedy(seq)]
-        picks = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        picks = {}
+        if plain:  # max(-1).indices: argmax's first-maximum rule, at a third of argmax's time on a CPU
+            best = (logits if len(plain) == len(to_sample) else logits[plain]).max(-1).indices
+            picks = dict(zip(plain, best.tolist()))
         for row, seq in enumerate(to_sample):
             self._append_token(seq, logits[row], now, picks.get(row))
             touched[seq.request_id] = self.requests[seq.request_id]
@@ -242,15 +245,16 @@ class Engine:
                 self.metrics.e2e.observe(now - req.seqs[0].arrival)
         return outs
 
-    def _hidden_states(self, ids, pos, attn):
-        """The model's forward for this step: decode-only steps through the flat loop when it can
-        run this model (checked every step: modules may have been swapped since), else the modules."""
+    def _forward(self, ids, pos, attn):
+        """The model's forward for this step, as (hidden states, the function from them to logits):
+        decode-only steps through the flat loop when it can run this model (checked every step:
+        modules may have been swapped since), else the modules."""
         if attn.all_decode:
             if self.flat is None or not self.flat.current():
                 self.flat = FlatDecoder.of(self.model)
             if self.flat is not None:
-                return self.flat.hidden_states(ids, pos, attn)
-        return self.model.hidden_states(ids, pos, attn)
+                return self.flat.hidden_states(ids, pos, attn), self.flat.logits
+        return self.model.hidden_states(ids, pos, attn), self.model.logits
 
     @staticmethod
     def _plain_greedy(seq: Sequence) -> bool:

@@ -20,6 +20,7 @@ place), which agrees with this one up to the order of float sums.
 """
 
 import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,24 @@ from nanoseek.quant import int4, int8
 from nanoseek.quant.layers import Int4Linear, Int8Linear
 
 NATIVE_HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes csrc/decode.cpp's attention is compiled for
+# bf16 weights are given to the compiled loop in oneDNN's blocked layout (a second copy of each, made
+# once) when the copies take at most this much; NANOSEEK_PREPACK=1 or 0 decides it regardless
+PREPACK_MAX_BYTES = 2 << 30
+
+
+def _prepack_wanted(weights) -> bool:
+    flag = os.environ.get("NANOSEEK_PREPACK")
+    if flag is not None:
+        return flag != "0"
+    return (sum(w.numel() * w.element_size() for w in weights) <= PREPACK_MAX_BYTES
+            and torch.backends.mkldnn.is_available())
+
+
+def _version(t) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor keeps no version: it cannot be told apart when changed
+        return None
 
 def _matmul(m):
     """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> (fn(x [M, K])
@@ -74,6 +93,10 @@ class FlatDecoder:
     def __init__(self, model, layers):
         self.model, self.layers = model, layers
         self.natives = {}  # activation dtype -> the compiled loop over these layers (None: not for it)
+        # bf16 weights the compiled loop holds in oneDNN's layout, and their versions when copied: an
+        # in-place update (an optimizer step between RL rollouts, load_state_dict) makes the copies stale
+        self.prepacked, self.prepacked_versions, self.head = [], (), None
+        self.ran_native = False  # did the last hidden_states() run the compiled loop (logits() may use its head)
         self.has_int4 = any(nat is not None and nat[0] == 2 for *_, nats in layers for nat in nats)
         # what current() re-checks every step, as plain dict lookups (nn.Module.__getattr__ would
         # cost more than the loop saves): the module tree under each layer is the same objects, every
@@ -129,6 +152,7 @@ class FlatDecoder:
         cos, sin = model.rope(positions, x.dtype)
         B, T, dim = x.shape
         nat = self._native(x, cache)
+        self.ran_native = nat is not None
         if nat is not None:
             store = cache.cache
             return nat.step(x[0], cos[0], sin[0], store.k, store.v, cache.slots, cache.decode_tables,
@@ -153,9 +177,21 @@ class FlatDecoder:
                 and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
                 and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
             return None
+        if self.prepacked and tuple(map(_version, self.prepacked)) != self.prepacked_versions:
+            self.natives.clear()  # a packed copy is stale: copy again
         if x.dtype not in self.natives:
             self.natives[x.dtype] = self._build_native(x.dtype)
         return self.natives[x.dtype]
+
+    def logits(self, h):
+        """model.logits(h), by the prepacked copy of the head where the last native build made one
+        (the same oneDNN matmul, without reordering 49152 x 576 weights every step)."""
+        if self.head is None or not self.ran_native or h.dtype != torch.bfloat16:
+            return self.model.logits(h)
+        module, weight, packed = self.head
+        if not (self.model.lm_head is module and module.weight is weight):  # swapped since (quantize_model)
+            return self.model.logits(h)
+        return torch.ops.mkldnn._linear_pointwise(h, packed, module.bias, "none", [], "").float()
 
     def _build_native(self, dtype):
         mod = native.module()
@@ -167,6 +203,17 @@ class FlatDecoder:
         norms = [self.model.norm] + [n for blk, *_ in self.layers for n in (blk.input_layernorm, blk.post_attention_layernorm)]
         if any(n.weight.dtype != dtype or not n.weight.is_contiguous() for n in norms):
             return None
+        if dtype == torch.bfloat16:
+            head = self.model.lm_head
+            float_ws = [nat[1][0] for *_, nats in self.layers for nat in nats if nat is not None and nat[0] == 0]
+            head_ok = type(head) is nn.Linear and head.weight.dtype == dtype
+            sources = [w for w in float_ws + ([head.weight] if head_ok else []) if w.dtype == dtype]
+            self.prepacked = sources if sources and _prepack_wanted(sources) and None not in map(_version, sources) else []
+            self.prepacked_versions = tuple(map(_version, self.prepacked))
+            packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w) for w in self.prepacked}
+            self.head = (head, head.weight, packed[id(head.weight)]) if head_ok and id(head.weight) in packed else None
+        else:
+            packed = {}
         for blk, attn, mlp, *_, nats in self.layers:
             if (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.interleaved) != shape:
                 return None
@@ -177,6 +224,8 @@ class FlatDecoder:
                 kind, (w, b, scale), group, _ = nat
                 if b.numel() and b.dtype != dtype:
                     return None
+                if kind == 0 and id(w) in packed:
+                    kind, w = 3, packed[id(w)]  # the same matmul, on oneDNN's copy
                 if kind == 1:  # what int8.weight_only_mm multiplies by, in the activation dtype
                     scale = scale.to(dtype)
                 parts.append([w, b, scale])

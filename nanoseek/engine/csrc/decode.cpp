@@ -25,10 +25,22 @@ namespace {
 
 using at::Tensor;
 
-// A projection as the modules run it: 0 float (nn.Linear), 1 int8 weight-only, 2 int4.
+// oneDNN's linear on a weight it has already reordered into its own blocked layout
+// (torch.ops.mkldnn._reorder_linear_weight): F.linear reorders a plain bf16 weight on every call,
+// which at decode sizes costs about as much memory traffic as the matmul itself
+Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Tensor& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, bias.defined() ? c10::IValue(bias) : c10::IValue(), c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A projection as the modules run it: 0 float (nn.Linear), 1 int8 weight-only, 2 int4, 3 bf16 with
+// the weight in oneDNN's layout (the same matmul as 0: oneDNN's, minus the reorder).
 struct Proj {
   int64_t kind = 0;
-  Tensor w;       // float weight [N, K], int8 qweight [N, K], or the int4 kernel's packed weight
+  Tensor w;       // float weight [N, K], int8 qweight [N, K], the int4 kernel's packed weight, or oneDNN's
   Tensor bias;    // undefined when none
   Tensor scale;   // int8: per-row scale in the activation dtype [N]; int4: the kernel's scales/zeros
   int64_t group = 0;        // int4 group size
@@ -37,6 +49,7 @@ struct Proj {
   Tensor operator()(const Tensor& x) const {
     Tensor y;
     if (kind == 0) return at::linear(x, w, bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt);
+    if (kind == 3) return onednn_linear(x, w, bias);
     if (kind == 1) {
       // quant/int8.py weight_only_mm: the packed kernel for few bf16 rows, else q in x's dtype
       if (x.size(0) <= pack_max_m)
@@ -62,48 +75,6 @@ template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
 // the model dtype's rounding of a float result (identity for fp32)
 template <typename T> inline float rnd(float v) { return to_f(from_f<T>(v)); }
 
-// y = w * rms_norm(x.float()).to(T), each row; as RMSNorm.forward rounds it
-template <typename T>
-void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
-  for (int64_t r = 0; r < rows; r++) {
-    const T* xr = x + r * n;
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-      for (int j = 0; j < 16; j++) { float v = to_f(xr[i + j]); acc[j] += v * v; }
-    float ss = 0;
-    for (int j = 0; j < 16; j++) ss += acc[j];
-    for (; i < n; i++) { float v = to_f(xr[i]); ss += v * v; }
-    float inv = 1.0f / std::sqrt(ss / n + static_cast<float>(eps));
-    for (i = 0; i < n; i++) y[r * n + i] = from_f<T>(to_f(w[i]) * rnd<T>(to_f(xr[i]) * inv));
-  }
-}
-
-// q and k heads of each row of qkv [rows, (H + Hkv + Hkv) * D] rotated in place (model/layers.py
-// apply_rope: half-split, or interleaved pairs written back in half-split order); cos/sin [rows, D/2]
-template <typename T>
-void rope_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t width, int64_t D,
-               bool interleaved) {
-  const int64_t half = D / 2;
-  std::vector<float> a(half), b(half);
-  for (int64_t r = 0; r < rows; r++) {
-    const T* c = cos + r * half;
-    const T* s = sin + r * half;
-    for (int64_t h = 0; h < heads; h++) {
-      T* x = qkv + r * width + h * D;
-      for (int64_t i = 0; i < half; i++) {
-        a[i] = to_f(interleaved ? x[2 * i] : x[i]);
-        b[i] = to_f(interleaved ? x[2 * i + 1] : x[half + i]);
-      }
-      for (int64_t i = 0; i < half; i++) {
-        float ci = to_f(c[i]), si = to_f(s[i]);
-        x[i] = from_f<T>(rnd<T>(a[i] * ci) - rnd<T>(b[i] * si));
-        x[half + i] = from_f<T>(rnd<T>(b[i] * ci) + rnd<T>(a[i] * si));
-      }
-    }
-  }
-}
-
 // Eight floats as one value (GCC/Clang vector extensions): AVX where the build enables it, two
 // SSE/NEON registers otherwise. bf16 widens to float by a 16-bit shift, exactly.
 typedef float f8 __attribute__((vector_size(32)));
@@ -119,6 +90,101 @@ inline f8 load8(const c10::BFloat16* p) {
   std::memcpy(&v, &w, sizeof v);
   return v;
 }
+
+inline float hsum(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// float -> bf16 as c10::BFloat16 rounds it (to nearest even; NaN to the quiet NaN), eight at a time
+inline u32x8 bf16_bits(f8 v) {
+  u32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u32x8 r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  return v != v ? u32x8{} + 0x7fc00000u : r;
+}
+// the model dtype's rounding of eight float results (identity for fp32)
+template <typename T> inline f8 round8(f8 v);
+template <> inline f8 round8<float>(f8 v) { return v; }
+template <> inline f8 round8<c10::BFloat16>(f8 v) {
+  const u32x8 r = bf16_bits(v);
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(c10::BFloat16* p, f8 v) {
+  const u16x8 h = __builtin_convertvector(bf16_bits(v) >> 16, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// rows of a [rows, ...] array split over the threads where there are enough of them to repay a
+// parallel region's start (~a few microseconds)
+template <typename F>
+void over_rows(int64_t rows, int64_t row_elems, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) f(r);
+  });
+}
+
+// y = w * rms_norm(x.float()).to(T), each row; as RMSNorm.forward rounds it
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
+  over_rows(rows, n, [&](int64_t r) {
+    const T* xr = x + r * n;
+    T* yr = y + r * n;
+    f8 acc{};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { const f8 v = load8(xr + i); acc += v * v; }
+    float ss = hsum(acc);
+    for (; i < n; i++) { float v = to_f(xr[i]); ss += v * v; }
+    const float inv = 1.0f / std::sqrt(ss / n + static_cast<float>(eps));
+    for (i = 0; i + 8 <= n; i += 8) store8(yr + i, load8(w + i) * round8<T>(load8(xr + i) * inv));
+    for (; i < n; i++) yr[i] = from_f<T>(to_f(w[i]) * rnd<T>(to_f(xr[i]) * inv));
+  });
+}
+
+// x <- x + y, rounded to the model dtype as the modules' residual add rounds it
+template <typename T>
+void add_rows(T* x, const T* y, int64_t rows, int64_t n) {
+  over_rows(rows, n, [&](int64_t r) {
+    T* xr = x + r * n;
+    const T* yr = y + r * n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8(xr + i, load8(xr + i) + load8(yr + i));
+    for (; i < n; i++) xr[i] = from_f<T>(to_f(xr[i]) + to_f(yr[i]));
+  });
+}
+
+// q and k heads of each row of qkv [rows, (H + Hkv + Hkv) * D] rotated in place (model/layers.py
+// apply_rope: half-split, or interleaved pairs written back in half-split order); cos/sin [rows, D/2]
+template <typename T>
+void rope_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t width, int64_t D,
+               bool interleaved) {
+  const int64_t half = D / 2;
+  over_rows(rows, heads * D, [&](int64_t r) {
+    const T* c = cos + r * half;
+    const T* s = sin + r * half;
+    float a[64], b[64];  // half <= 64: head_dim <= 128 (flat_decode.py's NATIVE_HEAD_DIMS)
+    for (int64_t h = 0; h < heads; h++) {
+      T* x = qkv + r * width + h * D;
+      if (!interleaved && half % 8 == 0) {
+        for (int64_t i = 0; i < half; i += 8) {
+          const f8 ai = load8(x + i), bi = load8(x + half + i), ci = load8(c + i), si = load8(s + i);
+          store8(x + i, round8<T>(ai * ci) - round8<T>(bi * si));
+          store8(x + half + i, round8<T>(bi * ci) + round8<T>(ai * si));
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < half; i++) {
+        a[i] = to_f(interleaved ? x[2 * i] : x[i]);
+        b[i] = to_f(interleaved ? x[2 * i + 1] : x[half + i]);
+      }
+      for (int64_t i = 0; i < half; i++) {
+        float ci = to_f(c[i]), si = to_f(s[i]);
+        x[i] = from_f<T>(rnd<T>(a[i] * ci) - rnd<T>(b[i] * si));
+        x[half + i] = from_f<T>(rnd<T>(b[i] * ci) + rnd<T>(a[i] * si));
+      }
+    }
+  });
+}
+
 typedef int32_t i8x8 __attribute__((vector_size(32)));
 
 // e^x eight at a time: Cephes' expf, 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial
@@ -148,7 +214,6 @@ inline void prefetch(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i);
 }
 
-inline float hsum(f8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // lane i of the result: the sum of a[i]'s eight lanes (a transpose-and-add tree: 14 shuffles and 7
 // adds for eight sums, where eight horizontal sums take ~40 instructions)
@@ -359,7 +424,6 @@ class Decoder {
     Tensor h = at::empty_like(x);
     Tensor attn = at::empty({rows, H * D}, x.options());
     T* xp = x.data_ptr<T>();
-    std::vector<float> silu;
     for (const Layer& l : layers_) {
       const size_t li = &l - layers_.data();
       rms_norm_rows<T>(xp, l.ln1.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps1);
@@ -381,28 +445,26 @@ class Decoder {
                          static_cast<float>(scale_));
       Tensor o = l.o(attn).contiguous();
       const T* op = o.data_ptr<T>();
-      for (int64_t i = 0; i < rows * dim; i++) xp[i] = from_f<T>(to_f(xp[i]) + to_f(op[i]));
+      add_rows<T>(xp, op, rows, dim);
       rms_norm_rows<T>(xp, l.ln2.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps2);
       Tensor gu = l.gate_up(h).contiguous();
       const int64_t F = gu.size(1) / 2;
       Tensor act = at::empty({rows, F}, x.options());
       const T* gp = gu.data_ptr<T>();
       T* ap = act.data_ptr<T>();
-      silu.resize(F);
-      for (int64_t r = 0; r < rows; r++) {  // F.silu(gate) * up, each rounded as the modules round it
+      over_rows(rows, 2 * F, [&](int64_t r) {  // F.silu(gate) * up, each rounded as the modules round it
         const T* gr = gp + r * 2 * F;
+        T* ar = ap + r * F;
         int64_t i = 0;
         for (; i + 8 <= F; i += 8) {
           const f8 g = load8(gr + i);
-          const f8 s = g / (1.0f + exp8(-g));
-          std::memcpy(silu.data() + i, &s, sizeof s);
+          store8(ar + i, round8<T>(g / (1.0f + exp8(-g))) * load8(gr + F + i));
         }
-        for (; i < F; i++) silu[i] = to_f(gr[i]) / (1.0f + std::exp(-to_f(gr[i])));
-        for (i = 0; i < F; i++) ap[r * F + i] = from_f<T>(rnd<T>(silu[i]) * to_f(gr[F + i]));
-      }
+        for (; i < F; i++) ar[i] = from_f<T>(rnd<T>(to_f(gr[i]) / (1.0f + std::exp(-to_f(gr[i])))) * to_f(gr[F + i]));
+      });
       Tensor d = l.down(act).contiguous();
       const T* dp = d.data_ptr<T>();
-      for (int64_t i = 0; i < rows * dim; i++) xp[i] = from_f<T>(to_f(xp[i]) + to_f(dp[i]));
+      add_rows<T>(xp, dp, rows, dim);
     }
     Tensor y = at::empty_like(x);  // the final norm
     rms_norm_rows<T>(xp, norm.data_ptr<T>(), y.data_ptr<T>(), rows, dim, norm_eps);
