@@ -139,3 +139,42 @@ def test_a_lock_left_by_a_killed_build_is_dropped(monkeypatch, tmp_path, capsys)
     native._announce_or_unlock()
     assert not lock.exists()
     assert "building the native decode loop" in capsys.readouterr().err  # nothing built there yet
+
+
+def _generate(model, prompts, n, engine=None):
+    """Greedy tokens and their logprobs (which differ unless the logits are the same) per prompt."""
+    # no prefix cache: its blocks would keep keys that the weights before an update computed
+    engine = engine or Engine(model, None, num_blocks=64, block_size=4, enable_prefix_caching=False)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0))
+           for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                o = out.outputs[0]
+                done[out.request_id] = (o.token_ids, [lp["logprob"] for lp in o.logprobs])
+    return engine, [done[i] for i in ids]
+
+
+def test_prepacked_weights_give_the_same_logits_and_follow_in_place_updates(mod, sources, monkeypatch):
+    """bf16 weights (and the head) in oneDNN's layout are the same matmul as F.linear's; an in-place
+    update of a weight (an optimizer step between RL rollouts) is seen by the next step."""
+    model = load_hf(sources["llama"], "bf16")
+    prompts, n = [[3, 5, 7, 11], [2] * 9, list(range(20, 26))], 8
+    monkeypatch.setenv("NANOSEEK_PREPACK", "1")
+    packed_engine, packed = _generate(model, prompts, n)
+    flat = packed_engine.flat
+    assert flat.prepacked and flat.head is not None and flat.natives[torch.bfloat16] is not None
+    monkeypatch.setenv("NANOSEEK_PREPACK", "0")
+    engine, plain = _generate(model, prompts, n)
+    assert not engine.flat.prepacked and engine.flat.head is None
+    assert packed == plain
+
+    with torch.no_grad():  # in place: same tensors, same storage; only their versions move
+        model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+        model.lm_head.weight[:, :4].mul_(2.0)  # the head (prepacked too)
+    want = _generate(model, prompts, n)[1]  # NANOSEEK_PREPACK=0: no copies to go stale
+    assert want != plain  # the update changes what is generated
+    monkeypatch.setenv("NANOSEEK_PREPACK", "1")
+    assert _generate(model, prompts, n, packed_engine)[1] == want  # the same engine, copies made again
+    assert packed_engine.flat is flat and flat.prepacked_versions == tuple(w._version for w in flat.prepacked)
