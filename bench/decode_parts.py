@@ -4,9 +4,12 @@
      GEMM and plain bf16 weights, by rows M;
   2. all 30 layers' projections streamed from DRAM at one row: int8 kernel against int4 kernel;
   3. the engine's decode step with the compiled loop (engine/csrc/decode.cpp), the Python loop
-     (engine/flat_decode.py) and the modules, interleaved in one process (same tokens checked).
+     (engine/flat_decode.py) and the modules, interleaved in one process (same tokens checked);
+  4. a 32-row bf16 decode step: as shipped, without prepacked weights, without the AVX512-BF16
+     attention, and its matmuls' share.
 
     python bench/decode_parts.py [--threads 2] [--precision int4]
+    python bench/decode_parts.py --only batch      # 4. alone: decode_batch_<threads>t.json
 
 Writes bench/results/decode_parts_<threads>t.json.
 """
@@ -113,21 +116,78 @@ def flat_vs_modules(precision, rounds=3, tokens=64):
     return res
 
 
+def batch_step(rounds=3, rows=32, prompt_len=128, warm=60, steps=20):
+    """A 32-row bf16 decode step (the 32-concurrent benchmark's, ~190 keys a sequence) by the
+    compiled loop, A/B in one process: as shipped, without the prepacked weights
+    (NANOSEEK_PREPACK=0), and without the AVX512-BF16 attention (NANOSEEK_BF16_DOT=0); and the
+    step's matmuls (torch.profiler's self time of its linear calls, head included)."""
+    import os
+    from torch.profiler import ProfilerActivity, profile
+    from nanoseek.engine import Engine
+    model, tok = nanoseek.load(smollm2_path(), "bf16")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 40000, (prompt_len,), generator=g).tolist() for _ in range(rows)]
+    ways = {"shipped": {}, "no_prepack": {"NANOSEEK_PREPACK": "0"}, "no_bf16_dot": {"NANOSEEK_BF16_DOT": "0"}}
+
+    def warmed(env):
+        for k in ("NANOSEEK_PREPACK", "NANOSEEK_BF16_DOT"):
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
+        for p in prompts:
+            engine.add_request(p, nanoseek.SamplingParams(temperature=0, max_tokens=warm + steps + 1, ignore_eos=True))
+        for _ in range(warm):
+            engine.step()
+        return engine
+
+    res = {f"{w}_ms": [] for w in ways}
+    try:
+        for _ in range(rounds):
+            for w, env in ways.items():
+                engine = warmed(env)
+                times = []
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    engine.step()
+                    times.append(time.perf_counter() - t)
+                res[f"{w}_ms"].append(round(median(times) * 1e3, 2))
+        engine = warmed({})
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+        mm = sum(e.self_cpu_time_total for e in prof.key_averages()
+                 if e.key in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"))
+        res["matmul_ms"] = round(mm / steps / 1e3, 2)
+    finally:
+        for k in ("NANOSEEK_PREPACK", "NANOSEEK_BF16_DOT"):
+            os.environ.pop(k, None)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="int4", help="for the flat-loop A/B")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--only", choices=["batch"], help="batch: only the 32-row bf16 step (decode_batch_<threads>t.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    b = batch_step()
+    batch_line = (f"32-row bf16 decode step (medians of rounds): shipped {median(b['shipped_ms'])} ms "
+                  f"({b['shipped_ms']}), without prepacked weights {median(b['no_prepack_ms'])} ms ({b['no_prepack_ms']}), "
+                  f"without the AVX512-BF16 attention {median(b['no_bf16_dot_ms'])} ms ({b['no_bf16_dot_ms']}); "
+                  f"its matmuls {b['matmul_ms']} ms")
+    if args.only == "batch":
+        write_results(Path(args.out), f"decode_batch_{args.threads}t", dict(machine=machine(), batch_step=b), batch_line)
+        return
     res = dict(machine=machine(), kernels_3072x576_us=kernels_by_rows(), streamed_30_layers=streamed_layers(),
-               flat_vs_modules=dict(precision=args.precision, **flat_vs_modules(args.precision)))
+               flat_vs_modules=dict(precision=args.precision, **flat_vs_modules(args.precision)), batch_step=b)
     k, st, fm = res["kernels_3072x576_us"], res["streamed_30_layers"], res["flat_vs_modules"]
     lines = ["| rows M | int4 kernel µs | dequantise + bf16 GEMM µs | bf16 weights µs |", "|---|---|---|---|"]
     lines += [f"| {r['M']} | {r['int4_kernel']:.0f} | {r['dequantise_gemm']:.0f} | {r['bf16']:.0f} |" for r in k]
     lines += ["", f"30 layers streamed, one row: int8 {st['int8_ms']:.2f} ms, int4 {st['int4_ms']:.2f} ms",
               f"decode step ({args.precision}): native {fm['native_ms']} ms, flat {fm['flat_ms']} ms, "
-              f"modules {fm['modules_ms']} ms, same tokens: {fm['same_tokens']}"]
+              f"modules {fm['modules_ms']} ms, same tokens: {fm['same_tokens']}", batch_line]
     write_results(Path(args.out), f"decode_parts_{args.threads}t", res, "\n".join(lines))
 
 

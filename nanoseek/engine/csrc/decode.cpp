@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -240,10 +241,12 @@ inline f8 reduce8(const f8* a) {
 #define NANOSEEK_BF16_DOT 1
 #define BF16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
+// NANOSEEK_BF16_DOT=0 turns it off (an A/B in bench/decode_parts.py; read each call, ~0.1 µs)
 bool cpu_has_bf16_dot() {
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
+  const char* off = std::getenv("NANOSEEK_BF16_DOT");
+  return yes && !(off && std::strcmp(off, "0") == 0);
 }
 
 // lane i: the sum of h[i]'s eight lanes
