@@ -21,6 +21,11 @@ Writes bench/results/sparse_<config>.json and .png.
 layers: with a converted model, one layer sparse at a time (the rest dense): where the
 perplexity is lost. Writes bench/results/sparse_layers<tag>.json.
 
+stage2: DeepSeek's second stage (sparse training of the whole model) on a warmed-up model, and
+the dense model fine-tuned on the same batches as its control; perplexity and passkey.
+
+    python bench/sparse_attention.py stage2 --init DIR --dense-layers 7,8,18,20,23 --steps 40 --lr 2e-5
+
 quality: converts SmolLM2-135M-Instruct (nanoseek.load) with the warm-up stage on Python's
 own documentation text (pydoc topics, first 80%), then compares held-out perplexity (last
 20%) at 2K/4K/8K and passkey retrieval at several depths, dense vs sparse. Writes
@@ -368,10 +373,93 @@ def oracle(args):
     print(json.dumps(res, indent=1))
 
 
+def lm_finetune(model, data, steps, lr, warmup_steps, log):
+    """The dense control for stage 2: the same optimizer, schedule, clipping and batches as
+    sparse_stages.sparse_train, on the LM loss alone."""
+    from nanoseek.train.sparse_stages import _lr_at
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    hist, t0 = [], time.perf_counter()
+    for step, batch in zip(range(steps), data):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        hist.append(loss.item())
+        if step % 5 == 0 or step == steps - 1:
+            log(f"dense fine-tune step {step + 1}/{steps}  loss {hist[-1]:.4f}  {time.perf_counter() - t0:.0f}s")
+    model.eval()
+    return hist
+
+
+def stage2(args):
+    """DeepSeek's second stage on a warmed-up model (sparse attention on, the whole model on the
+    LM loss, the indexers on their KL over the chosen keys), against its fair control: the dense
+    model fine-tuned on the same batches with the same optimizer. Held-out perplexity at each
+    length for the original dense model, the fine-tuned dense one, the warmed-up sparse model
+    before stage 2 and after it; passkey for the last two trained models."""
+    import nanoseek
+    from nanoseek.checkpoint.hf import load_hf
+    from nanoseek.model.indexer import drop_indexers
+    from nanoseek.train.sparse_stages import indexers, sparse_train, token_batches
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    out = RESULTS / f"sparse_stage2{args.tag}.json"
+    dense0, tok = nanoseek.load(None, "fp32")
+    train, held = text_tokens(tok)
+    warm = load_hf(args.init, "fp32")
+    if args.dense_layers:
+        drop_indexers(warm, [int(i) for i in args.dense_layers.split(",")])
+    sparse = copy.deepcopy(warm)
+    warmup = max(args.steps // 10, 1)
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hist_s = sparse_train(sparse, token_batches(train, args.seq_len, 1, seed=args.seed), steps=args.steps, lr=args.lr,
+                              indexer_lr=args.indexer_lr, warmup_steps=warmup, log_every=5, log=log)
+    sparse_s = time.perf_counter() - t0
+    dense1 = copy.deepcopy(dense0)
+    t0 = time.perf_counter()
+    hist_d = lm_finetune(dense1, token_batches(train, args.seq_len, 1, seed=args.seed), args.steps, args.lr, warmup, log)
+    dense_s = time.perf_counter() - t0
+    if args.save:
+        sparse.save(args.save, tok)
+    models = {"dense": dense0, "dense_finetuned": dense1, "sparse_warmup": warm, "sparse_stage2": sparse}
+    for m in models.values():
+        m.to(torch.bfloat16)
+    res = dict(setup=dict(init=args.init, dense_layers=args.dense_layers, steps=args.steps, seq_len=args.seq_len,
+                          lr=args.lr, indexer_lr=args.indexer_lr, seed=args.seed, threads=args.threads,
+                          topk=warm.config.index_topk, block_size=warm.config.index_block_size,
+                          index_groups=warm.config.index_groups, train_tokens=len(train), heldout_tokens=len(held)),
+               seconds=dict(sparse=sparse_s, dense=dense_s), sparse_history=hist_s, dense_loss=hist_d, ppl={}, passkey=[])
+    for ctx in [int(c) for c in args.ppl_lengths.split(",") if c]:
+        row = {name: perplexity(m, held, ctx, args.windows) for name, m in models.items()}
+        row["stage2_vs_finetuned"] = (row["sparse_stage2"] - row["dense_finetuned"]) / row["dense_finetuned"]
+        row["stage2_vs_dense"] = (row["sparse_stage2"] - row["dense"]) / row["dense"]
+        row["warmup_vs_dense"] = (row["sparse_warmup"] - row["dense"]) / row["dense"]
+        res["ppl"][ctx] = row
+        log(f"ppl@{ctx}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        out.write_text(json.dumps(res, indent=1))
+    for ctx in [int(c) for c in args.passkey_lengths.split(",") if c]:
+        for depth in [float(x) for x in args.depths.split(",")]:
+            key = 10000 + (int(ctx * 7 + depth * 1000) * 7919) % 89999
+            row = dict(depth=depth, key=key)
+            for name in ("dense_finetuned", "sparse_stage2"):
+                row[name], row[f"{name}_answer"], row["ctx"] = passkey(models[name], tok, ctx, depth, key)
+            res["passkey"].append(row)
+            log(f"passkey {row}")
+            out.write_text(json.dumps(res, indent=1))
+    print(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("speed", "_one", "quality", "layers", "oracle"):
+    for name in ("speed", "_one", "quality", "layers", "oracle", "stage2"):
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--topk", type=int, default=512)
@@ -419,8 +507,23 @@ def main():
                            help="with --init: train and evaluate the saved indexers at this block size")
             s.add_argument("--dense-layers", default=None, help="comma-separated layers evaluated dense")
             s.add_argument("--tag", default="", help="results file suffix: sparse_quality<tag>.json")
+        if name == "stage2":
+            s.add_argument("--init", required=True, help="a warmed-up model saved by quality --save")
+            s.add_argument("--dense-layers", default=None, help="comma-separated layers made dense (indexers dropped)")
+            s.add_argument("--steps", type=int, default=40)
+            s.add_argument("--seq-len", type=int, default=4096)
+            s.add_argument("--lr", type=float, default=2e-5, help="the main weights' lr (sparse stage and dense control)")
+            s.add_argument("--indexer-lr", type=float, default=1e-4)
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--windows", type=int, default=2)
+            s.add_argument("--ppl-lengths", default="2048,4096,8192")
+            s.add_argument("--passkey-lengths", default="2048,4096,8000")
+            s.add_argument("--depths", default="0.1,0.5,0.9")
+            s.add_argument("--save", default=None, help="save the stage-2 model here")
+            s.add_argument("--tag", default="", help="results file suffix: sparse_stage2<tag>.json")
     args = p.parse_args()
-    {"speed": speed, "_one": one, "quality": quality, "layers": layers, "oracle": oracle}[args.cmd](args)
+    {"speed": speed, "_one": one, "quality": quality, "layers": layers, "oracle": oracle,
+     "stage2": stage2}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,16 @@ def test_prepacked_weights_give_the_same_logits_and_follow_in_place_updates(mod,
     monkeypatch.setenv("NANOSEEK_PREPACK", "1")
     assert _generate(model, prompts, n, packed_engine)[1] == want  # the same engine, copies made again
     assert packed_engine.flat is flat and flat.prepacked_versions == tuple(w._version for w in flat.prepacked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int4_dequantize_is_the_python_one_exactly(mod, dtype):
+    from nanoseek.quant import int4
+    torch.manual_seed(0)
+    for N, K, group in ((96, 64, 32), (8, 256, 128), (3, 48, 16)):
+        q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+        scale, lo = torch.rand(N, K // group) * 0.1, torch.randn(N, K // group) * 0.1
+        packed = int4.pack_nibbles(q)
+        assert torch.equal(mod.dequantize_int4(packed, scale, lo, dtype), int4.dequantize(q, scale, lo, dtype))
+    with pytest.raises(RuntimeError, match="groups of a multiple of 8"):
+        mod.dequantize_int4(int4.pack_nibbles(torch.zeros(2, 12, dtype=torch.uint8)), torch.ones(2, 3), torch.ones(2, 3), dtype)

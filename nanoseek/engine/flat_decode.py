@@ -54,6 +54,7 @@ def _version(t) -> int | None:
     except RuntimeError:  # an inference-mode tensor keeps no version: it cannot be told apart when changed
         return None
 
+
 def _matmul(m):
     """A projection (nn.Linear, Int8Linear, Int4Linear, or a Packed stack of them) -> (fn(x [M, K])
     computing what its forward computes with the same ops, its native form or None); None for any

@@ -639,6 +639,51 @@ Tensor attention(Tensor qkv, Tensor kc, Tensor vc, Tensor tables, Tensor lens, i
   return out;
 }
 
+// int4 weights in the checkpoint layout (uint8 [N, K/2]: column 2i the low nibble, 2i + 1 the
+// high) -> [N, K] in dtype: q * scale + min per group of K / scale.size(1), computed as
+// quant/int4.py dequantize does (a float multiply, then an add, then rounded to dtype: no fused
+// multiply-add here, so the two agree exactly). One pass over the weight, where the Python form
+// makes five (prefill above the int4 kernel's rows dequantises every weight, every step).
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) void dequantize_int4_row(const uint8_t* b, const float* sc, const float* mn,
+                                                                      T* out, int64_t groups, int64_t group) {
+  for (int64_t gi = 0; gi < groups; gi++) {
+    const f8 s = f8{} + sc[gi], m = f8{} + mn[gi];
+    for (int64_t k = gi * group; k < (gi + 1) * group; k += 8) {
+      const uint8_t* p = b + k / 2;
+      const f8 q = {float(p[0] & 15), float(p[0] >> 4), float(p[1] & 15), float(p[1] >> 4),
+                    float(p[2] & 15), float(p[2] >> 4), float(p[3] & 15), float(p[3] >> 4)};
+      store8(out + k, q * s + m);
+    }
+  }
+}
+
+Tensor dequantize_int4(Tensor packed, Tensor scale, Tensor lo, at::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && scale.dim() == 2 && lo.sizes() == scale.sizes() &&
+              scale.size(0) == packed.size(0), "dequantize_int4: packed uint8 [N, K/2], scale and min [N, K/group]");
+  packed = packed.contiguous();
+  scale = scale.to(at::kFloat).contiguous();
+  lo = lo.to(at::kFloat).contiguous();
+  const int64_t N = packed.size(0), K = 2 * packed.size(1), groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 8 == 0, "dequantize_int4: groups of a multiple of 8");
+  const int64_t group = K / groups;
+  Tensor out = at::empty({N, K}, packed.options().dtype(dtype));
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const uint8_t* pp = packed.data_ptr<uint8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const float* lp = lo.data_ptr<float>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; n++)
+        dequantize_int4_row<T>(pp + n * (K / 2), sp + n * groups, lp + n * groups, op + n * K, groups, group);
+    });
+  };
+  AT_DISPATCH_SWITCH(dtype, "nanoseek_dequantize_int4",
+      AT_DISPATCH_CASE(at::kFloat, [&] { go(float{}); }) AT_DISPATCH_CASE(at::kBFloat16, [&] { go(c10::BFloat16{}); }));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -648,4 +693,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // without the GIL: the server's event loop keeps streaming while the engine thread decodes
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dequantize_int4", &dequantize_int4, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
