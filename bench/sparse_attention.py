@@ -418,7 +418,9 @@ def stage2(args):
     sparse = copy.deepcopy(warm)
     warmup = max(args.steps // 10, 1)
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # bf16 matmuls, fp32 master weights; no cast cache: it would keep the first step's bf16 copies
+    # of weights that every step updates (and their graph) for the whole loop
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         hist_s = sparse_train(sparse, token_batches(train, args.seq_len, 1, seed=args.seed), steps=args.steps, lr=args.lr,
                               indexer_lr=args.indexer_lr, warmup_steps=warmup, log_every=5, log=log)
     sparse_s = time.perf_counter() - t0
