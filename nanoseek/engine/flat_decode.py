@@ -48,6 +48,9 @@ def _prepack_wanted(weights) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+_VERSION = operator.attrgetter("_version")  # for tensors known to keep one (the per-step check)
+
+
 def _version(t) -> int | None:
     try:
         return t._version
@@ -178,7 +181,7 @@ class FlatDecoder:
                 and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
                 and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
             return None
-        if self.prepacked and tuple(map(_version, self.prepacked)) != self.prepacked_versions:
+        if self.prepacked and tuple(map(_VERSION, self.prepacked)) != self.prepacked_versions:
             self.natives.clear()  # a packed copy is stale: copy again
         if x.dtype not in self.natives:
             self.natives[x.dtype] = self._build_native(x.dtype)

@@ -218,7 +218,6 @@ inline void prefetch(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 1);
 }
 
-
 // lane i of the result: the sum of a[i]'s eight lanes (a transpose-and-add tree: 14 shuffles and 7
 // adds for eight sums, where eight horizontal sums take ~40 instructions)
 inline f8 reduce8(const f8* a) {
@@ -374,18 +373,20 @@ void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, in
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(max_len * nq * D, 1));
   const bool dot = std::is_same_v<T, c10::BFloat16> && C % 4 == 0 && cpu_has_bf16_dot();
   at::parallel_for(0, rows * per_row, grain, [&](int64_t begin, int64_t end) {
-    std::vector<f8> q(nq * C), part(G * 8), vbuf(max_len * CW);
-    std::vector<float> p(nq * max_len + 16), mx(nq), sum(nq);  // + 16: whole vectors read at the end
-    std::vector<f8> mj8(G);  // running maxima, lane by lane
+    std::vector<float> p(nq * max_len), mx(nq), sum(nq);
     std::vector<int64_t> at(max_len);  // token t's offset in the cache (its row of KV head 0)
-    // the bf16 dot-product path's scratch: partial sums of 16 tokens, interleaved value pairs, weights
+    // the widened path's scratch: scaled queries, partial sums of 8 tokens, a value slice, running maxima
+    std::vector<f8> q(dot ? 0 : nq * C), part(dot ? 0 : G * 8), vbuf(dot ? 0 : max_len * CW), mj8(dot ? 0 : G);
+    // the bf16 dot-product path's: partial sums of 16 tokens, interleaved value pairs, bf16 weights
+    // (and an odd token's zero partner)
     std::vector<float> dot_part(dot ? G * 16 * 16 : 0);
-    std::vector<uint16_t> dot_v(dot ? (max_len + 1) * D : 0), dot_p(dot ? max_len + 16 : 0);
+    std::vector<uint16_t> dot_v(dot ? (max_len + 1) * D : 0), dot_p(dot ? max_len + 1 : 0);
     for (int64_t task = begin; task < end; task++) {
       const int64_t r = task / per_row, j0 = (task % per_row) * hpt, L = lens[r];
       const int64_t* table = tables + r * table_width;
       const T* qr = qkv + r * width + j0 * G * D;  // the task's query heads, in order
-      for (int64_t i = 0; i < nq * C; i++) q[i] = load8(qr + i * 8) * scale;
+      if (!dot)
+        for (int64_t i = 0; i < nq * C; i++) q[i] = load8(qr + i * 8) * scale;
       // once a task, not per read: two integer divisions a token cost more than its arithmetic
       for (int64_t t = 0, b = 0; t < L; b++)
         for (int64_t i = 0; i < block_size && t < L; i++, t++) at[t] = (table[b] * block_size + i) * Hkv * D;
@@ -393,7 +394,6 @@ void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, in
         const int64_t j = j0 + jj;
         // token t's row of KV head j in the cache
         auto row = [&](const T* base, int64_t t) { return base + at[t] + j * D; };
-        const f8* qj = q.data() + jj * G * C;
         float* pj = p.data() + jj * G * L;  // [G, L] scores, then probabilities
         float* mj = mx.data() + jj * G;
         // p <- e^(p - max), and its sum
@@ -425,6 +425,7 @@ void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, in
           }
         }
 #endif
+        const f8* qj = q.data() + jj * G * C;
         for (int64_t g = 0; g < G; g++) mj8[g] = f8{} - INFINITY;
         for (int64_t t0 = 0; t0 < L; t0 += 8) {  // q . k, eight tokens at a time
           const int64_t n = std::min<int64_t>(8, L - t0);
@@ -674,9 +675,8 @@ Tensor dequantize_int4(Tensor packed, Tensor scale, Tensor lo, at::ScalarType dt
     const float* sp = scale.data_ptr<float>();
     const float* lp = lo.data_ptr<float>();
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; n++)
-        dequantize_int4_row<T>(pp + n * (K / 2), sp + n * groups, lp + n * groups, op + n * K, groups, group);
+    over_rows(N, K, [&](int64_t n) {
+      dequantize_int4_row<T>(pp + n * (K / 2), sp + n * groups, lp + n * groups, op + n * K, groups, group);
     });
   };
   AT_DISPATCH_SWITCH(dtype, "nanoseek_dequantize_int4",
