@@ -134,6 +134,9 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     if sel.dim() == 3:
         return by_group(sel.shape[1], q, K, V, lambda qg, Kg, Vg, g: attend_blocks(qg, Kg, Vg, scale, v_dim,
                                                                                    sel[:, g], start, block, slots))
+    mod = _native_blocks(q, K, V, v_dim, block)
+    if mod is not None:
+        return _attend_blocks_native(mod, q, K, V, scale, sel, start, block, slots)
     T, H, Dk = q.shape
     dev = q.device
     m = sel.shape[1]
@@ -145,12 +148,12 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     keys = torch.arange(first * block, (last + 1) * block, device=dev).clamp_(max=start + T - 1)
     Ko, Vo = _rows(K, V, keys if slots is None else slots[keys], v_dim)
     causal = torch.ones(block, block, dtype=torch.bool, device=dev).tril()
-    o, lse = _block_partial(qg, Ko.view(n_own, block, *Ko.shape[1:]), Vo.view(n_own, block, *Vo.shape[1:]),
-                            scale, causal, v_dim)
-    o_own, lse_own = o.reshape(-1, H, v_dim)[lead:lead + T], lse.reshape(-1, H)[lead:lead + T]
+    Vo = Vo.view(n_own, block, *Vo.shape[1:])
+    s_own, lse = _block_scores(qg, Ko.view(n_own, block, *Ko.shape[1:]), scale, causal)
+    lse_own = lse.reshape(-1, H)[lead:lead + T]
     t_idx, c_idx = (sel[:, 1:] >= 0).nonzero(as_tuple=True)
     if m == 1 or len(t_idx) == 0:
-        return o_own
+        return _block_values(s_own, lse, Vo, v_dim, q.dtype).reshape(-1, H, v_dim)[lead:lead + T]
     # earlier blocks: (query, block) pairs in tiles of tile queries of one block
     blk = sel[:, 1:][t_idx, c_idx]
     order = torch.argsort(blk, stable=True)
@@ -160,49 +163,97 @@ def attend_blocks(q, K, V, scale, v_dim, sel, start: int, block: int, slots=None
     rank = torch.arange(len(blk), device=dev) - (torch.cumsum(counts, 0) - counts)[blk]
     at = ((torch.cumsum(tiles, 0) - tiles)[blk] + rank // tile) * tile + rank % tile
     n_tiles = int(tiles.sum())
-    # each tile row's query (padding rows: query 0, weighted 0 below); one gather, no zero fill
+    # each tile row's query (padding rows: query 0, given a total of +inf below: weight 0)
     row_query = torch.zeros(n_tiles * tile, dtype=torch.long, device=dev).index_copy_(0, at, t_idx)
     tile_block = torch.repeat_interleave(torch.arange(len(counts), device=dev), tiles)
     keys = (tile_block[:, None] * block + torch.arange(block, device=dev)).view(-1)
     Kt, Vt = _rows(K, V, keys if slots is None else slots[keys], v_dim)
-    o, lse = _block_partial(q.index_select(0, row_query).view(n_tiles, tile, H, Dk),
-                            Kt.view(n_tiles, block, *Kt.shape[1:]), Vt.view(n_tiles, block, *Vt.shape[1:]),
-                            scale, None, v_dim)
-    # merge: weights softmax over a query's parts (0: own block, 1 + c: its c-th earlier block)
-    L = torch.full((T, m, H), float("-inf"), device=dev)
-    L = torch.cat([lse_own[:, None], L[:, 1:].index_put((t_idx, c_idx), lse.reshape(-1, H)[at])], 1)
-    w = L.softmax(1).to(q.dtype)
-    w_rows = q.new_zeros(n_tiles * tile, H).index_put((at,), w[t_idx, c_idx + 1])
-    parts = o.reshape(-1, H, v_dim) * w_rows[..., None]
-    return (o_own * w[:, 0, :, None]).index_add(0, row_query, parts)
+    s_t, lse_t = _block_scores(q.index_select(0, row_query).view(n_tiles, tile, H, Dk),
+                               Kt.view(n_tiles, block, *Kt.shape[1:]), scale, None)
+    # each query's total log-sum-exp over its parts (0: own block, 1 + c: its c-th earlier block);
+    # every part is then exponentiated against that total, so the parts' outputs just add up
+    # (one normalisation, no per-part rescaling of the outputs)
+    L = torch.full((T, m - 1, H), float("-inf"), device=dev).index_put_((t_idx, c_idx), lse_t.reshape(-1, H)[at])
+    total = torch.logsumexp(torch.cat([lse_own[:, None], L], 1), 1)                      # [T, H]
+    own_total = F.pad(total, (0, 0, lead, n_own * block - lead - T), value=float("inf")).view(n_own, block, H)
+    o = _block_values(s_own, own_total, Vo, v_dim, q.dtype).reshape(-1, H, v_dim)[lead:lead + T]
+    tile_total = torch.full((n_tiles * tile, H), float("inf"), device=dev).index_copy_(0, at, total[t_idx])
+    parts = _block_values(s_t, tile_total.view(n_tiles, tile, H), Vt.view(n_tiles, block, *Vt.shape[1:]),
+                          v_dim, q.dtype)
+    return o.index_add(0, row_query, parts.reshape(-1, H, v_dim))
+
+
+def _native_blocks(q, K, V, v_dim, block):
+    """The compiled block attention (engine/csrc/decode.cpp block_attention) where it applies:
+    inference (no autograd), bf16 on a CPU with AVX512-BF16, separate values of the keys' head
+    size 32, 64 or 128 (GQA; MLA's latent stays in Python), blocks of at most 64. Else None."""
+    if (q.dtype != torch.bfloat16 or K.dtype != torch.bfloat16 or V is None or V.dtype != torch.bfloat16
+            or q.device.type != "cpu" or q.shape[-1] not in (32, 64, 128) or V.shape[-1] != q.shape[-1]
+            or v_dim != q.shape[-1] or block > 64):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or K.requires_grad or V.requires_grad):
+        return None
+    from nanoseek.engine import native  # imported here: the engine imports the model
+    mod = native.module()
+    return mod if mod is not None and mod.has_bf16_dot() else None
+
+
+def _attend_blocks_native(mod, q, K, V, scale, sel, start: int, block: int, slots):
+    """attend_blocks by the compiled kernel: the (query, block) pairs sorted by block, then one
+    call per KV head, over that head's keys of positions 0 .. start + T - 1 copied contiguous
+    (a few MB; from the pool's slots in the paged cache). Each query's blocks are taken in
+    increasing order, by an online softmax in fp32 (flash attention's running max and sum)."""
+    T, H, D = q.shape
+    Hkv = K.shape[1]
+    g = H // Hkv
+    t_idx, c_idx = (sel >= 0).nonzero(as_tuple=True)
+    blk = sel[t_idx, c_idx]
+    order = torch.argsort(blk, stable=True)
+    pair_query, pair_block = t_idx[order], blk[order]
+    rows = torch.arange(start + T, device=q.device) if slots is None else slots[:start + T]
+    out = q.new_empty(T, H, D)
+    for j in range(Hkv):
+        Kj, Vj = K[rows, j], V[rows, j]
+        out[:, j * g:(j + 1) * g] = mod.block_attention(q[:, j * g:(j + 1) * g], Kj, Vj, pair_query, pair_block,
+                                                        start, block, scale)
+    return out
 
 
 def _rows(K, V, rows, v_dim):
     """Key and value rows of a pool. MLA (V None): the values are the keys' first v_dim
-    channels; the whole rows are returned, _block_partial cuts its output instead (a matmul
+    channels; the whole rows are returned, _block_values cuts its output instead (a matmul
     over whole rows is faster here than over a strided view of them)."""
     Kg = K.index_select(0, rows)
     return Kg, (Kg if V is None else V.index_select(0, rows))
 
 
-def _block_partial(q, K, V, scale, mask, v_dim):
-    """Softmax attention of N tiles of queries q [N, R, H, Dk] over their key block
-    K [N, b, Hkv, Dk], V [N, b, Hkv, >= v_dim]; mask [R, b] or None -> o [N, R, H, v_dim]
-    (normalised over the block) and lse [N, R, H] (fp32), its log-sum-exp."""
+def _block_scores(q, K, scale, mask):
+    """Scores of N tiles of queries q [N, R, H, Dk] against their key block K [N, b, Hkv, Dk];
+    mask [R, b] or None -> s [N*Hkv, R*g, b] (fp32, scaled, masked; rows by KV head, then query,
+    then the head's place in its group) and lse [N, R, H], each row's log-sum-exp."""
     N, R, H, Dk = q.shape
-    b, Hkv, Dv = K.shape[1], K.shape[2], V.shape[-1]
+    b, Hkv = K.shape[1], K.shape[2]
     g = H // Hkv
     qh = q.view(N, R, Hkv, g, Dk).permute(0, 2, 1, 3, 4).reshape(N * Hkv, R * g, Dk)
     kh = K.permute(0, 2, 3, 1).reshape(N * Hkv, Dk, b)
     s = torch.bmm(qh, kh).float().mul_(scale)                                   # [N*Hkv, R*g, b]
     if mask is not None:
-        s = s.view(N * Hkv, R, g, b).masked_fill(~mask[None, :, None, :], float("-inf")).view(N * Hkv, R * g, b)
-    p = s.softmax(-1)  # one fused pass; then, as p_max = exp(s_max - lse), two cheap reductions
-    lse = s.amax(-1) - p.amax(-1).log()
-    p = p.to(q.dtype)
+        s = s.view(N * Hkv, R, g, b).masked_fill_(~mask[None, :, None, :], float("-inf")).view(N * Hkv, R * g, b)
+    lse = torch.logsumexp(s, -1)
+    return s, lse.view(N, Hkv, R, g).permute(0, 2, 1, 3).reshape(N, R, H)
+
+
+def _block_values(s, total, V, v_dim, dtype):
+    """exp(s - total) @ V: a block's share of each query's output, for scores s from
+    _block_scores (consumed in place), total [N, R, H] the query's log-sum-exp over all its
+    parts (+inf: a padding row, weight 0), V [N, b, Hkv, >= v_dim] -> [N, R, H, v_dim]."""
+    N, R, H = total.shape
+    b, Hkv, Dv = V.shape[1], V.shape[2], V.shape[-1]
+    g = H // Hkv
+    t = total.view(N, R, Hkv, g).permute(0, 2, 1, 3).reshape(N * Hkv, R * g, 1)
+    p = s.sub_(t).exp_().to(dtype)
     o = torch.bmm(p, V.permute(0, 2, 1, 3).reshape(N * Hkv, b, Dv))             # [N*Hkv, R*g, Dv]
-    o = o.view(N, Hkv, R, g, Dv)[..., :v_dim].permute(0, 2, 1, 3, 4).reshape(N, R, H, v_dim)
-    return o, lse.view(N, Hkv, R, g).permute(0, 2, 1, 3).reshape(N, R, H)
+    return o.view(N, Hkv, R, g, Dv)[..., :v_dim].permute(0, 2, 1, 3, 4).reshape(N, R, H, v_dim)
 
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.

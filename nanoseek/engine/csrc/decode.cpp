@@ -512,6 +512,212 @@ void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int6
   }
 }
 
+// ---- block-sparse prefill attention (model/sparse_attention.py attend_blocks, bf16) -----------
+// Queries q [T, G, D] (one KV head's G query heads; query t at position first + t) over the key
+// blocks they selected: pairs (query[i], block[i]), sorted by block, the own block among them.
+// Block j holds positions j * bs .. j * bs + bs - 1 (rows of k and v [P, D]); a query sees the
+// keys of a block up to its own position. A thread owns a range of queries and walks the pairs in
+// block order. Each block it meets is packed once: keys as bf16 pairs of dims, transposed, so that
+// a broadcast query pair scores 16 keys a lane with no horizontal sums; values as pairs of keys
+// interleaved, as values_bf16 does. Then the block's query heads go four at a time (ROWS), each
+// taking the block in one online-softmax step (flash attention's running max and sum, fp32
+// accumulators): four rows keep 4 x NC score chains and 4 x 2 NV value chains in flight, where
+// one row alone waits on the latency of each dot product. A query's blocks come in increasing
+// order whatever the chunking or the threads, so its result depends on its own selection only.
+#ifdef NANOSEEK_BF16_DOT
+constexpr int ROWS = 4;
+constexpr f8 IOTA8 = {0, 1, 2, 3, 4, 5, 6, 7};
+
+struct BlockRow {
+  int64_t r;          // the row's accumulators: (query - t0) * G + head
+  const uint32_t* q;  // its query, as bf16 pairs
+  int64_t nk;         // keys it sees in the block
+};
+
+// one online-softmax step of ROWS rows (short batches repeat their first row; only n are kept)
+// over a packed block: kp [D/2][16 NC] key pairs, vp [8 NC][2 NV][32] value pairs
+template <int NV, int NC>
+BF16_DOT_TARGET void block_rows(const BlockRow* rows, int n, const uint32_t* kp, const uint16_t* vp, float scale,
+                                float* acc, float* mx, float* sum) {
+  constexpr int64_t D = 32 * NV, BSP = 16 * NC;
+  __m512 sc[ROWS][NC];
+  for (int i = 0; i < ROWS; i++)
+    for (int c = 0; c < NC; c++) sc[i][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D / 2; d++) {
+    __m512bh qq[ROWS];
+    for (int i = 0; i < ROWS; i++) qq[i] = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(rows[i < n ? i : 0].q[d]));
+    for (int c = 0; c < NC; c++) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + d * BSP + 16 * c);
+      for (int i = 0; i < ROWS; i++) sc[i][c] = _mm512_dpbf16_ps(sc[i][c], kv, qq[i]);
+    }
+  }
+  alignas(64) float s[BSP];
+  alignas(64) uint16_t pb[ROWS][BSP + 2];
+  float alpha[ROWS];
+  int64_t nk_max = 1;
+  for (int i = 0; i < ROWS; i++) {
+    const BlockRow& row = rows[i < n ? i : 0];
+    const int64_t nk = row.nk;
+    nk_max = std::max(nk_max, nk);
+    // lanes at or past nk: keys after the query, or past the block (no score, weight 0)
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < NC; c++) {
+      sc[i][c] = _mm512_mul_ps(sc[i][c], _mm512_set1_ps(scale));
+      const __mmask16 live = nk >= 16 * (c + 1) ? __mmask16(0xFFFF) : nk <= 16 * c ? __mmask16(0) : __mmask16((1u << (nk - 16 * c)) - 1);
+      mv = _mm512_mask_max_ps(mv, live, mv, sc[i][c]);
+      _mm512_store_ps(s + 16 * c, sc[i][c]);
+    }
+    const float m_old = i < n ? mx[row.r] : -INFINITY, m_new = std::max(m_old, _mm512_reduce_max_ps(mv));
+    alpha[i] = m_old == -INFINITY ? 0.0f : std::exp(m_old - m_new);
+    f8 tot8{};
+    for (int64_t u = 0; u < BSP; u += 8) {
+      const f8 x = exp8(load8(s + u) - m_new);
+      const f8 y = (IOTA8 + float(u)) < float(nk) ? x : f8{};
+      store8(s + u, y);
+      tot8 += y;
+    }
+    const float tot = hsum(tot8);
+    for (int64_t u = 0; u < BSP; u += 16) _mm256_storeu_si256((__m256i*)(pb[i] + u), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(s + u)));
+    if (i < n) {
+      mx[row.r] = m_new;
+      sum[row.r] = sum[row.r] * alpha[i] + tot;
+    }
+  }
+  __m512 o[ROWS][2 * NV];
+  for (int i = 0; i < ROWS; i++) {
+    const float* ar = acc + rows[i < n ? i : 0].r * D;
+    for (int w = 0; w < 2 * NV; w++) o[i][w] = _mm512_mul_ps(_mm512_loadu_ps(ar + 16 * w), _mm512_set1_ps(alpha[i]));
+  }
+  for (int64_t u = 0; u < (nk_max + 1) / 2; u++) {  // a row's weights past its own keys are 0
+    __m512bh pp[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      int32_t pair;
+      std::memcpy(&pair, pb[i] + 2 * u, sizeof pair);
+      pp[i] = (__m512bh)_mm512_set1_epi32(pair);
+    }
+    for (int w = 0; w < 2 * NV; w++) {
+      const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + 32 * (u * 2 * NV + w));
+      for (int i = 0; i < ROWS; i++) o[i][w] = _mm512_dpbf16_ps(o[i][w], vv, pp[i]);
+    }
+  }
+  for (int i = 0; i < n; i++)
+    for (int w = 0; w < 2 * NV; w++) _mm512_storeu_ps(acc + rows[i].r * D + 16 * w, o[i][w]);
+}
+
+// queries t0 .. t1 - 1: one thread's share (a lambda would not carry the target attributes)
+template <int NV, int NC>
+BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
+                                           int64_t P, const int64_t* pq, const int64_t* pb, int64_t n_pairs,
+                                           int64_t t0, int64_t t1, int64_t G, int64_t first, int64_t bs, float scale,
+                                           c10::BFloat16* out) {
+  constexpr int64_t D = 32 * NV, BSP = 16 * NC;
+  const int64_t nt = t1 - t0;
+  std::vector<float> acc(nt * G * D, 0.0f), mx(nt * G, -INFINITY), sum(nt * G, 0.0f);
+  std::vector<uint32_t> kp((D / 2) * BSP);      // [dim pair][key]: both dims of a pair, one key
+  std::vector<uint16_t> vp((BSP / 2) * 2 * D);  // [key pair][2 NV vectors of 32]
+  BlockRow batch[ROWS];
+  int n = 0;
+  int64_t packed = -1;
+  for (int64_t i = 0; i <= n_pairs; i++) {
+    const bool more = i < n_pairs;
+    const int64_t t = more ? pq[i] : -1;
+    if (more && (t < t0 || t >= t1)) continue;
+    const int64_t j = more ? pb[i] : -1;
+    if (n && (j != packed || !more)) {  // the block's last rows
+      block_rows<NV, NC>(batch, n, kp.data(), vp.data(), scale, acc.data(), mx.data(), sum.data());
+      n = 0;
+    }
+    if (!more) break;
+    const int64_t base = j * bs;
+    if (j != packed) {
+      for (int64_t u = 0; u < BSP; u++) {
+        const bool have = u < bs && base + u < P;
+        const uint32_t* kr = have ? reinterpret_cast<const uint32_t*>(k + (base + u) * D) : nullptr;
+        for (int64_t d = 0; d < D / 2; d++) kp[d * BSP + u] = have ? kr[d] : 0u;
+      }
+      for (int64_t u = 0; u < BSP; u += 2) {
+        for (int w = 0; w < NV; w++) {
+          const bool ha = u < bs && base + u < P, hb = u + 1 < bs && base + u + 1 < P;
+          const __m512i a = ha ? _mm512_loadu_si512(v + (base + u) * D + 32 * w) : _mm512_setzero_si512();
+          const __m512i b = hb ? _mm512_loadu_si512(v + (base + u + 1) * D + 32 * w) : _mm512_setzero_si512();
+          _mm512_storeu_si512(vp.data() + 32 * ((u / 2) * 2 * NV + 2 * w), _mm512_unpacklo_epi16(a, b));
+          _mm512_storeu_si512(vp.data() + 32 * ((u / 2) * 2 * NV + 2 * w + 1), _mm512_unpackhi_epi16(a, b));
+        }
+      }
+      packed = j;
+    }
+    const int64_t nk = std::min<int64_t>(bs, first + t - base + 1);  // keys up to the query's own position
+    for (int64_t g = 0; g < G; g++) {
+      batch[n++] = BlockRow{(t - t0) * G + g, reinterpret_cast<const uint32_t*>(q + (t * G + g) * D), nk};
+      if (n == ROWS) {
+        block_rows<NV, NC>(batch, n, kp.data(), vp.data(), scale, acc.data(), mx.data(), sum.data());
+        n = 0;
+      }
+    }
+  }
+  for (int64_t r = 0; r < nt * G; r++) {  // normalise; undo the value interleave (see values_bf16)
+    const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+    const float* ar = acc.data() + r * D;
+    c10::BFloat16* og = out + (t0 * G + r) * D;
+    for (int w = 0; w < 2 * NV; w++)
+      for (int kk = 0; kk < 4; kk++)
+        for (int l = 0; l < 4; l++) og[32 * (w / 2) + 8 * kk + 4 * (w % 2) + l] = c10::BFloat16(ar[16 * w + 4 * kk + l] * inv);
+  }
+}
+
+template <int NV, int NC>
+void block_attention_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t P,
+                          const int64_t* pq, const int64_t* pb, int64_t n_pairs, int64_t T, int64_t G, int64_t first,
+                          int64_t bs, float scale, c10::BFloat16* out) {
+  const int64_t grain = std::max<int64_t>(1, T / std::max(1, at::get_num_threads()));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    block_attention_range<NV, NC>(q, k, v, P, pq, pb, n_pairs, t0, t1, G, first, bs, scale, out);
+  });
+}
+#endif
+
+// q [T, G, D], k and v [P, D] (bf16, contiguous); pairs sorted by block -> [T, G, D]. Where the
+// CPU has no AVX512-BF16 the caller stays in Python (has_bf16_dot()).
+Tensor block_attention(Tensor q, Tensor k, Tensor v, Tensor pair_query, Tensor pair_block, int64_t first,
+                       int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 2 && v.sizes() == k.sizes() && q.size(2) == k.size(1),
+              "block_attention: q [T, G, D], k and v [P, D]");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "block_attention: bf16 tensors");
+  TORCH_CHECK(block_size >= 1 && block_size <= 64, "block_attention: block size ", block_size, " is not in 1..64");
+  TORCH_CHECK(cpu_has_bf16_dot(), "block_attention: this CPU has no AVX512-BF16");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  pair_query = pair_query.contiguous();
+  pair_block = pair_block.contiguous();
+  const int64_t T = q.size(0), G = q.size(1), D = q.size(2);
+  Tensor out = at::empty_like(q);
+#ifdef NANOSEEK_BF16_DOT
+  auto run = [&](auto nv, auto nc) {
+    block_attention_bf16<decltype(nv)::value, decltype(nc)::value>(
+        q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), k.size(0),
+        pair_query.data_ptr<int64_t>(), pair_block.data_ptr<int64_t>(), pair_query.numel(), T, G, first, block_size,
+        static_cast<float>(scale), out.data_ptr<c10::BFloat16>());
+  };
+  auto by_block = [&](auto nv) {  // 16-key lanes a block takes
+    switch ((block_size + 15) / 16) {
+      case 1: return run(nv, std::integral_constant<int, 1>{});
+      case 2: return run(nv, std::integral_constant<int, 2>{});
+      case 3: return run(nv, std::integral_constant<int, 3>{});
+      default: return run(nv, std::integral_constant<int, 4>{});
+    }
+  };
+  switch (D) {
+    case 32: by_block(std::integral_constant<int, 1>{}); break;
+    case 64: by_block(std::integral_constant<int, 2>{}); break;
+    case 128: by_block(std::integral_constant<int, 4>{}); break;
+    default: TORCH_CHECK(false, "block_attention: head_dim ", D, " is not one of 32, 64, 128");
+  }
+#endif
+  return out;
+}
+
 class Decoder {
  public:
   Decoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double scale, bool interleaved)
@@ -694,4 +900,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize_int4", &dequantize_int4, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_attention", &block_attention, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("has_bf16_dot", &cpu_has_bf16_dot);
 }
