@@ -245,13 +245,14 @@ def _block_scores(q, K, scale, mask):
 
 def _block_values(s, total, V, v_dim, dtype):
     """exp(s - total) @ V: a block's share of each query's output, for scores s from
-    _block_scores (consumed in place), total [N, R, H] the query's log-sum-exp over all its
+    _block_scores (consumed in place unless it needs a gradient), total [N, R, H] the query's log-sum-exp over all its
     parts (+inf: a padding row, weight 0), V [N, b, Hkv, >= v_dim] -> [N, R, H, v_dim]."""
     N, R, H = total.shape
     b, Hkv, Dv = V.shape[1], V.shape[2], V.shape[-1]
     g = H // Hkv
     t = total.view(N, R, Hkv, g).permute(0, 2, 1, 3).reshape(N * Hkv, R * g, 1)
-    p = s.sub_(t).exp_().to(dtype)
+    # in place where no graph is kept: logsumexp's backward (the sparse training stage) needs s
+    p = (s.sub_(t).exp_() if not s.requires_grad else (s - t).exp()).to(dtype)
     o = torch.bmm(p, V.permute(0, 2, 1, 3).reshape(N * Hkv, b, Dv))             # [N*Hkv, R*g, Dv]
     return o.view(N, Hkv, R, g, Dv)[..., :v_dim].permute(0, 2, 1, 3, 4).reshape(N, R, H, v_dim)
 
