@@ -210,10 +210,10 @@ def _attend_blocks_native(mod, q, K, V, scale, sel, start: int, block: int, slot
     blk = sel[t_idx, c_idx]
     order = torch.argsort(blk, stable=True)
     pair_query, pair_block = t_idx[order], blk[order]
-    rows = torch.arange(start + T, device=q.device) if slots is None else slots[:start + T]
+    rows = slice(0, start + T) if slots is None else slots[:start + T]
     out = q.new_empty(T, H, D)
     for j in range(Hkv):
-        Kj, Vj = K[rows, j], V[rows, j]
+        Kj, Vj = K[rows, j], V[rows, j]  # the kernel makes a strided slice contiguous
         out[:, j * g:(j + 1) * g] = mod.block_attention(q[:, j * g:(j + 1) * g], Kj, Vj, pair_query, pair_block,
                                                         start, block, scale)
     return out
@@ -245,8 +245,9 @@ def _block_scores(q, K, scale, mask):
 
 def _block_values(s, total, V, v_dim, dtype):
     """exp(s - total) @ V: a block's share of each query's output, for scores s from
-    _block_scores (consumed in place unless it needs a gradient), total [N, R, H] the query's log-sum-exp over all its
-    parts (+inf: a padding row, weight 0), V [N, b, Hkv, >= v_dim] -> [N, R, H, v_dim]."""
+    _block_scores (consumed in place unless it needs a gradient), total [N, R, H] the query's
+    log-sum-exp over all its parts (+inf: a padding row, weight 0), V [N, b, Hkv, >= v_dim]
+    -> [N, R, H, v_dim]."""
     N, R, H = total.shape
     b, Hkv, Dv = V.shape[1], V.shape[2], V.shape[-1]
     g = H // Hkv
