@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.model.indexer import add_indexers  # noqa: E402
+from nanoseek.model.indexer import add_indexers, drop_indexers  # noqa: E402
 from nanoseek.model.kv_cache import DenseKVCache  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 
@@ -63,11 +63,14 @@ CONFIGS = {
 }
 
 
-def build(config, layers, topk, index_heads, index_dim, sparse, block=1, groups=1):
+def build(config, layers, topk, index_heads, index_dim, sparse, block=1, groups=1, dense_layers=None):
+    """The bench model; sparse: DSA indexers on every layer except `dense_layers` (a hybrid)."""
     cfg = ModelConfig(**CONFIGS[config], n_layers=layers)
     model = Transformer(cfg).init_weights(seed=0).to(torch.bfloat16).eval()
     if sparse:
         add_indexers(model, index_heads, index_dim, topk, block_size=block, groups=groups)
+        if dense_layers:
+            drop_indexers(model, dense_layers.split(","))
     return model
 
 
@@ -92,7 +95,7 @@ def one(args):
     """One measurement in this (fresh) process: prints a JSON line."""
     torch.set_num_threads(args.threads)
     model = build(args.config, args.layers, args.topk, args.index_heads, args.index_dim, args.mode == "sparse",
-                  args.block_size, args.index_groups)
+                  args.block_size, args.index_groups, args.dense_layers)
     n = args.n
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -131,7 +134,7 @@ def speed(args):
                    "--layers", str(args.layers), "--topk", str(args.topk), "--block-size", str(args.block_size),
                    "--index-heads", str(args.index_heads), "--index-dim", str(args.index_dim),
                    "--index-groups", str(args.index_groups), "--threads", str(args.threads),
-                   "--decode-steps", str(args.decode_steps)]
+                   "--decode-steps", str(args.decode_steps)] + (["--dense-layers", args.dense_layers] if args.dense_layers else [])
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-2000:], file=sys.stderr)
@@ -141,7 +144,7 @@ def speed(args):
             print(json.dumps(row), flush=True)
             meta = dict(config=args.config, model=CONFIGS[args.config], layers=args.layers, topk=args.topk,
                         index_heads=args.index_heads, index_dim=args.index_dim, index_groups=args.index_groups,
-                        block_size=args.block_size, threads=args.threads,
+                        block_size=args.block_size, threads=args.threads, dense_layers=args.dense_layers,
                         torch=torch.__version__)
             out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     plot(out)
@@ -168,8 +171,9 @@ def plot(path):
         ax.legend()
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
-    fig.suptitle(f"DSA vs dense SDPA, {meta['config']} x {meta['layers']} layers, top-k {meta['topk']}, "
-                 f"indexer {meta['index_heads']}x{meta['index_dim']}, {meta['threads']} CPU thread(s), bf16")
+    hybrid = f" ({meta['dense_layers']} dense)" if meta.get("dense_layers") else ""
+    fig.suptitle(f"DSA vs dense SDPA, {meta['config']} x {meta['layers']} layers{hybrid}, top-k {meta['topk']}, "
+                 f"block {meta.get('block_size', 1)}, groups {meta.get('index_groups', 1)}, indexer {meta['index_heads']}x{meta['index_dim']}, {meta['threads']} CPU thread(s), bf16")
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=110)
 
@@ -405,7 +409,6 @@ def stage2(args):
     before stage 2 and after it; passkey for the last two trained models."""
     import nanoseek
     from nanoseek.checkpoint.hf import load_hf
-    from nanoseek.model.indexer import drop_indexers
     from nanoseek.train.sparse_stages import indexers, sparse_train, token_batches
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -473,6 +476,8 @@ def main():
             s.add_argument("--config", choices=list(CONFIGS), default="mla")
             s.add_argument("--layers", type=int, default=2)
             s.add_argument("--decode-steps", type=int, default=5)
+            s.add_argument("--dense-layers", default=None,
+                           help="sparse mode: comma-separated layers left dense (a hybrid, e.g. 0 of 6 = 5 of 30)")
         if name == "speed":
             s.add_argument("--lengths", default="4096,8192,16384,32768")
             s.add_argument("--resume", action="store_true", help="keep rows already in the JSON")

@@ -123,3 +123,25 @@ def test_dense_mla_model_roundtrips(tmp_path):
         assert torch.equal(load_hf(tmp_path)(ids), model(ids))
         hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_inference_slices_rows_of_norms_and_ffn_with_the_same_result(pair, monkeypatch):
+    """At inference the norms and the dense FFN run over slices of rows (NORM_ROWS, FFN_ROWS);
+    with tiny slices (and a last, partial one) the logits equal the one-piece forward, which
+    autograd mode keeps; bf16 too, where any change of rounding would show."""
+    import nanoseek.model.layers as layers
+    import nanoseek.model.transformer as transformer
+    _, ours, _ = pair
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = ours.to(dtype)
+        with torch.enable_grad():
+            whole = model(ids).detach()  # autograd on: the one-piece path
+        monkeypatch.setattr(layers, "NORM_ROWS", 3)
+        monkeypatch.setattr(transformer, "FFN_ROWS", 5)
+        with torch.no_grad():
+            sliced = model(ids)
+        monkeypatch.undo()
+        assert sliced.dtype == whole.dtype
+        torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+    ours.float()

@@ -9,16 +9,33 @@ from torch import nn
 from nanoseek.config import ModelConfig
 
 
+# Rows normalised at a time at inference: F.rms_norm on CPU is several passes, each with a fresh
+# fp32 temporary, so a long prefill's [T, dim] norm costs ~5x more in one piece (page faults,
+# cache misses) than in slices of 256 rows (32K x 576: 256 -> 54 ms, one thread). Same result.
+NORM_ROWS = 256
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def _norm(self, x):
         # normalise in fp32 (bf16 loses too much in the mean of squares), scale in the input dtype;
         # F.rms_norm is one fused kernel instead of five ops (it matters at batch-1 decode)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def forward(self, x):
+        D = x.shape[-1]
+        if x.numel() <= NORM_ROWS * D or torch.is_grad_enabled() or not x.is_contiguous():
+            return self._norm(x)
+        out = x.new_empty(x.shape, dtype=torch.promote_types(self.weight.dtype, x.dtype))
+        rows, out_rows = x.view(-1, D), out.view(-1, D)
+        for a in range(0, rows.shape[0], NORM_ROWS):
+            torch.mul(self.weight, F.rms_norm(rows[a:a + NORM_ROWS].float(), (D,), eps=self.eps).to(x.dtype),
+                      out=out_rows[a:a + NORM_ROWS])
+        return out
 
 
 class MLP(nn.Module):

@@ -13,6 +13,14 @@ from nanoseek.model.layers import MLP, RMSNorm, RotaryEmbedding
 from nanoseek.model.moe import MoE
 
 
+# Tokens through the feed-forward half at a time at inference (a dense MLP's rows are
+# independent): a long prefill's [T, inter_dim] gate/up temporaries would otherwise be fresh
+# allocations in every layer, and their page faults and cache misses cost more than the silu and
+# product on them (SmolLM2's MLP at 32K tokens, one thread: 1.41 s in one piece, 1.14 s in
+# slices of 2048; bitwise the same output).
+FFN_ROWS = 2048
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -23,7 +31,14 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        D = x.shape[-1]
+        if (x.numel() <= FFN_ROWS * D or torch.is_grad_enabled() or not isinstance(self.mlp, MLP)
+                or not x.is_contiguous()):
+            return x + self.mlp(self.post_attention_layernorm(x))
+        rows = x.view(-1, D)  # x is this call's own tensor: the residual is added in place
+        for a in range(0, rows.shape[0], FFN_ROWS):
+            rows[a:a + FFN_ROWS] += self.mlp(self.post_attention_layernorm(rows[a:a + FFN_ROWS]))
+        return x
 
 
 class Transformer(nn.Module):
