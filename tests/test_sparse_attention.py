@@ -340,3 +340,48 @@ def test_native_block_attention_matches_python(start, T, bs, D, m, threads):
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
     assert torch.equal(out, parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1023, 29), (200, 13), (40, 37), (5, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_block_topk_matches_torch(dtype, n, k, threads):
+    """The compiled top-k of block choice (topk_columns) picks the same columns as torch.topk
+    over each row's candidate columns 1 .. limit - 1, -1 where a row has fewer than k of them or
+    a -inf score; ties go to the later column; and choose_blocks gives the same set with it as
+    with torch.topk."""
+    from nanoseek.engine import native
+    from nanoseek.model import indexer
+    mod = native.module()
+    if mod is None:
+        pytest.skip("no native build here")
+    g = torch.Generator().manual_seed(n + k)
+    R = 300
+    s = torch.randperm(R * n, generator=g).view(R, n).to(dtype)  # distinct in fp32; bf16 rounds some to ties
+    s[7, 3:9] = float("-inf")
+    limit = torch.randint(0, n + 3, (R,), generator=g)
+    limit[:5] = n
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = mod.topk_columns(s, limit, 1, k)
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (R, k) and got.dtype == torch.long
+    for r in range(R):
+        cols = torch.arange(1, max(1, min(int(limit[r]), n)))
+        vals = s[r, cols].float()
+        # the k best by (score, column): the reference for ties as well
+        order = sorted(range(len(cols)), key=lambda i: (vals[i].item(), int(cols[i])), reverse=True)[:k]
+        want = {int(cols[i]) for i in order if vals[i] > float("-inf")}
+        row = got[r].tolist()
+        assert {c for c in row if c >= 0} == want, r
+        assert row.count(-1) == k - len(want), r
+    # choose_blocks: compiled and torch.topk choose the same blocks where scores are distinct
+    sc = torch.randn(64, 3, n, generator=g)
+    own = torch.randint(0, n + 1, (64,), generator=g)
+    with_native = indexer.choose_blocks(sc.clone(), own, k + 3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(indexer, "_native_topk", lambda s: None)
+        with_torch = indexer.choose_blocks(sc.clone(), own, k + 3)
+    assert torch.equal(with_native.sort(-1).values, with_torch.sort(-1).values)

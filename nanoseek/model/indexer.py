@@ -274,9 +274,22 @@ def choose_blocks(s, own, m: int):
     k = min(m - kept.shape[1], s.shape[1])
     if k <= 0:
         return kept
+    mod = _native_topk(s)
+    if mod is not None:  # the candidate_blocks of a row: columns 1 .. own - 2
+        return torch.cat([kept, mod.topk_columns(s.detach(), own - 1, 1, k)], 1)
     s.masked_fill_(~candidate_blocks(own, s.shape[1]), float("-inf"))
     top = s.topk(k, dim=-1, sorted=False)
     return torch.cat([kept, top.indices.masked_fill_(top.values == float("-inf"), -1)], 1)
+
+
+def _native_topk(s):
+    """The compiled row top-k (engine/csrc/decode.cpp topk_columns: ~3x torch.topk on these
+    short rows, the same set up to ties, which it gives to the later block) for CPU block
+    scores in fp32 or bf16; else None (torch.topk)."""
+    if s.device.type != "cpu" or s.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from nanoseek.engine import native  # imported here: the engine imports the model
+    return native.module()
 
 
 @torch.no_grad()

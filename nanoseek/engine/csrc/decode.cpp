@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -890,6 +891,94 @@ Tensor dequantize_int4(Tensor packed, Tensor scale, Tensor lo, at::ScalarType dt
   return out;
 }
 
+// ---- top-k block choice (indexer.choose_blocks) ---------------------------------------------
+// torch.topk takes ~10 ns an element here for the short rows of block selection (k ~ 30 of
+// ~1,000 blocks, one row per query and group: ~0.6 s a layer at 32K tokens). This finds the
+// same set by a threshold instead: the k-th largest of the maxima of >= k column groups is a
+// lower bound on the k-th largest score (those k maxima are k distinct scores), so only the
+// scores at or above it are candidates, and a partial sort of those (a few times k) picks k.
+// Scores are compared as order-preserving integers; ties go to the later column, which is the
+// tie-break indexer.recency_bias asks for, and makes the choice independent of row length.
+
+inline int32_t key_of_bits(int32_t u) { return u ^ ((u >> 31) & 0x7fffffff); }  // float bits -> ordered int
+inline int32_t order_key(float f) {
+  int32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return key_of_bits(u);
+}
+// a row's keys from its raw bits (bf16: the high half of a float), in a loop that vectorises
+inline void row_keys(const float* s, int64_t L, int32_t* keys) {
+  const int32_t* u = reinterpret_cast<const int32_t*>(s);
+  for (int64_t j = 0; j < L; j++) keys[j] = key_of_bits(u[j]);
+}
+inline void row_keys(const c10::BFloat16* s, int64_t L, int32_t* keys) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(s);
+  for (int64_t j = 0; j < L; j++) keys[j] = key_of_bits(int32_t(uint32_t(h[j]) << 16));
+}
+
+template <typename T>
+void topk_columns_rows(const T* s, const int64_t* limit, int64_t R, int64_t n, int64_t lo, int64_t k, int64_t* out) {
+  const int32_t none = order_key(-INFINITY);
+  at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<int32_t> keys(n), maxima(n);
+    std::vector<uint64_t> cand(n);
+    for (int64_t r = r0; r < r1; r++) {
+      int64_t* o = out + r * k;
+      const int64_t L = std::max<int64_t>(0, std::min(limit[r], n) - lo);  // columns lo .. lo + L - 1
+      const T* sr = s + r * n + lo;
+      row_keys(sr, L, keys.data());
+      int64_t nc = 0;
+      if (L <= k) {
+        for (int64_t j = 0; j < L; j++) cand[nc++] = j;
+      } else {
+        // the groups: columns equal mod nb (>= k of them, a multiple of 16: the max runs in vectors)
+        const int64_t nb = std::min(L, (2 * k + 15) / 16 * 16);
+        std::copy(keys.begin(), keys.begin() + nb, maxima.begin());
+        for (int64_t a = nb; a < L; a += nb)
+          for (int64_t b = 0; b < std::min(nb, L - a); b++) maxima[b] = std::max(maxima[b], keys[a + b]);
+        std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.begin() + nb, std::greater<int32_t>());
+        const int32_t tau = maxima[k - 1];
+        // (score, column) as one unsigned integer: the larger is the better, ties to the later column
+        for (int64_t a = 0; a < L; a += 16) {  // most 16-column runs hold no candidate: test them whole
+          const int64_t e = std::min(L, a + 16);
+          bool any = false;
+          for (int64_t j = a; j < e; j++) any |= keys[j] >= tau;
+          if (!any) continue;
+          for (int64_t j = a; j < e; j++) {
+            cand[nc] = (uint64_t(uint32_t(keys[j]) ^ 0x80000000u) << 32) | uint64_t(j);
+            nc += keys[j] >= tau;
+          }
+        }
+        if (nc > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.begin() + nc, std::greater<uint64_t>());
+        nc = k;
+      }
+      for (int64_t i = 0; i < k; i++) {
+        const int64_t j = i < nc ? int64_t(cand[i] & 0xffffffffu) : -1;
+        o[i] = j < 0 || keys[j] == none ? -1 : lo + j;
+      }
+    }
+  });
+}
+
+// s [R, n] (fp32 or bf16) block scores, limit [R]: row r chooses among columns lo .. limit[r]-1
+// -> [R, k] int64 columns in no particular order; -1 where fewer than k columns (or a -inf score).
+Tensor topk_columns(Tensor s, Tensor limit, int64_t lo, int64_t k) {
+  TORCH_CHECK(s.dim() == 2 && limit.dim() == 1 && limit.size(0) == s.size(0), "topk_columns: s [R, n], limit [R]");
+  TORCH_CHECK(limit.scalar_type() == at::kLong && k >= 0 && lo >= 0, "topk_columns: int64 limit, k >= 0, lo >= 0");
+  TORCH_CHECK(s.size(1) < (int64_t(1) << 32), "topk_columns: rows longer than 2^32");
+  s = s.contiguous();
+  limit = limit.contiguous();
+  Tensor out = at::empty({s.size(0), k}, s.options().dtype(at::kLong));
+  if (k == 0 || s.size(0) == 0) return out;
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    topk_columns_rows<T>(s.data_ptr<T>(), limit.data_ptr<int64_t>(), s.size(0), s.size(1), lo, k, out.data_ptr<int64_t>());
+  };
+  AT_DISPATCH_SWITCH(s.scalar_type(), "nanoseek_topk_columns",
+      AT_DISPATCH_CASE(at::kFloat, [&] { go(float{}); }) AT_DISPATCH_CASE(at::kBFloat16, [&] { go(c10::BFloat16{}); }));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -901,5 +990,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize_int4", &dequantize_int4, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("block_attention", &block_attention, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("topk_columns", &topk_columns, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("has_bf16_dot", &cpu_has_bf16_dot);
 }
