@@ -385,3 +385,19 @@ def test_native_block_topk_matches_torch(dtype, n, k, threads):
         mp.setattr(indexer, "_native_topk", lambda s: None)
         with_torch = indexer.choose_blocks(sc.clone(), own, k + 3)
     assert torch.equal(with_native.sort(-1).values, with_torch.sort(-1).values)
+
+
+def test_select_blocks_with_a_shared_score_buffer_is_unchanged():
+    """Per-group block choice with `work` (one buffer for every chunk's scores, as
+    attend_selected passes it) chooses exactly what it does with fresh tensors per chunk."""
+    from nanoseek.model.indexer import pooled_keys
+    g = torch.Generator().manual_seed(3)
+    T, start, bs, G, H, D = 150, 90, 8, 3, 4, 16
+    q, w = torch.randn(T, H, D, generator=g), torch.randn(T, G, H, generator=g)
+    IK = torch.randn(start + T, D, generator=g)
+    pooled = pooled_keys(IK, (start + T - 1) // bs, bs)
+    work = torch.full((16 * (H + G) * pooled.shape[0],), float("nan"))
+    fresh = select_blocks(q, w, IK, start, 64, bs, chunk=16, pooled=pooled)
+    shared = select_blocks(q, w, IK, start, 64, bs, chunk=16, pooled=pooled, work=work)
+    assert fresh.shape == (T, G, 8) and (fresh[:, :, 3:] >= 0).any()
+    assert torch.equal(fresh, shared)

@@ -200,8 +200,8 @@ def _native_blocks(q, K, V, v_dim, block):
 
 def _attend_blocks_native(mod, q, K, V, scale, sel, start: int, block: int, slots):
     """attend_blocks by the compiled kernel: the (query, block) pairs sorted by block, then one
-    call per KV head, over that head's keys of positions 0 .. start + T - 1 copied contiguous
-    (a few MB; from the pool's slots in the paged cache). Each query's blocks are taken in
+    call per KV head, over that head's keys of positions 0 .. start + T - 1 (read in place; the
+    paged cache's pool rows are gathered by slot first). Each query's blocks are taken in
     increasing order, by an online softmax in fp32 (flash attention's running max and sum)."""
     T, H, D = q.shape
     Hkv = K.shape[1]
@@ -213,7 +213,7 @@ def _attend_blocks_native(mod, q, K, V, scale, sel, start: int, block: int, slot
     rows = slice(0, start + T) if slots is None else slots[:start + T]
     out = q.new_empty(T, H, D)
     for j in range(Hkv):
-        Kj, Vj = K[rows, j], V[rows, j]  # the kernel makes a strided slice contiguous
+        Kj, Vj = K[rows, j], V[rows, j]  # one KV head: the kernel reads its strided rows in place
         out[:, j * g:(j + 1) * g] = mod.block_attention(q[:, j * g:(j + 1) * g], Kj, Vj, pair_query, pair_block,
                                                         start, block, scale)
     return out
@@ -260,6 +260,7 @@ def _block_values(s, total, V, v_dim, dtype):
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
 SELECT_BLOCK = 1024
+SELECT_CHUNK = 1024  # queries scored against the block keys at a time (select_blocks' chunk)
 
 
 def sparse_causal_attention(q, k, v, scale, v_dim, index: IndexerOutput):
@@ -297,10 +298,14 @@ def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slo
     span = SELECT_BLOCK * (4 if block > 1 and K.shape[1] * K.shape[2] >= WIDE_ROW else 1)  # wide tiles want more queries
     # the blocks' mean keys, once for all chunks (the last chunk needs every block before it)
     pooled = pooled_keys(IK, (start + T - 1) // block, block) if block > 1 else None
+    work = None  # per-group block scores of a chunk of queries, sized for the last (longest) one
+    if block > 1 and iw.dim() == 3 and not torch.is_grad_enabled():
+        work = iq.new_empty(min(SELECT_CHUNK, T) * (iq.shape[1] + iw.shape[1]) * pooled.shape[0])
     for a in range(0, T, span):
         b = min(a + span, T)
         if block > 1:
-            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block, pooled=pooled)
+            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block, chunk=SELECT_CHUNK, pooled=pooled,
+                                work=work)
             o = attend_blocks(q[a:b], K, V, scale, v_dim, sel, start + a, block, slots)
         else:
             idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)

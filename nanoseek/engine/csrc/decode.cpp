@@ -608,7 +608,7 @@ BF16_DOT_TARGET void block_rows(const BlockRow* rows, int n, const uint32_t* kp,
 // queries t0 .. t1 - 1: one thread's share (a lambda would not carry the target attributes)
 template <int NV, int NC>
 BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
-                                           int64_t P, const int64_t* pq, const int64_t* pb, int64_t n_pairs,
+                                           int64_t ks, int64_t vs, int64_t P, const int64_t* pq, const int64_t* pb, int64_t n_pairs,
                                            int64_t t0, int64_t t1, int64_t G, int64_t first, int64_t bs, float scale,
                                            c10::BFloat16* out) {
   constexpr int64_t D = 32 * NV, BSP = 16 * NC;
@@ -633,14 +633,14 @@ BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BF
     if (j != packed) {
       for (int64_t u = 0; u < BSP; u++) {
         const bool have = u < bs && base + u < P;
-        const uint32_t* kr = have ? reinterpret_cast<const uint32_t*>(k + (base + u) * D) : nullptr;
+        const uint32_t* kr = have ? reinterpret_cast<const uint32_t*>(k + (base + u) * ks) : nullptr;
         for (int64_t d = 0; d < D / 2; d++) kp[d * BSP + u] = have ? kr[d] : 0u;
       }
       for (int64_t u = 0; u < BSP; u += 2) {
         for (int w = 0; w < NV; w++) {
           const bool ha = u < bs && base + u < P, hb = u + 1 < bs && base + u + 1 < P;
-          const __m512i a = ha ? _mm512_loadu_si512(v + (base + u) * D + 32 * w) : _mm512_setzero_si512();
-          const __m512i b = hb ? _mm512_loadu_si512(v + (base + u + 1) * D + 32 * w) : _mm512_setzero_si512();
+          const __m512i a = ha ? _mm512_loadu_si512(v + (base + u) * vs + 32 * w) : _mm512_setzero_si512();
+          const __m512i b = hb ? _mm512_loadu_si512(v + (base + u + 1) * vs + 32 * w) : _mm512_setzero_si512();
           _mm512_storeu_si512(vp.data() + 32 * ((u / 2) * 2 * NV + 2 * w), _mm512_unpacklo_epi16(a, b));
           _mm512_storeu_si512(vp.data() + 32 * ((u / 2) * 2 * NV + 2 * w + 1), _mm512_unpackhi_epi16(a, b));
         }
@@ -667,17 +667,19 @@ BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BF
 }
 
 template <int NV, int NC>
-void block_attention_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t P,
+void block_attention_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t ks, int64_t vs,
+                          int64_t P,
                           const int64_t* pq, const int64_t* pb, int64_t n_pairs, int64_t T, int64_t G, int64_t first,
                           int64_t bs, float scale, c10::BFloat16* out) {
   const int64_t grain = std::max<int64_t>(1, T / std::max(1, at::get_num_threads()));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
-    block_attention_range<NV, NC>(q, k, v, P, pq, pb, n_pairs, t0, t1, G, first, bs, scale, out);
+    block_attention_range<NV, NC>(q, k, v, ks, vs, P, pq, pb, n_pairs, t0, t1, G, first, bs, scale, out);
   });
 }
 #endif
 
-// q [T, G, D], k and v [P, D] (bf16, contiguous); pairs sorted by block -> [T, G, D]. Where the
+// q [T, G, D], k and v [P, D] (bf16; rows may be strided, e.g. one KV head of [P, Hkv, D], and
+// are read in place); pairs sorted by block -> [T, G, D]. Where the
 // CPU has no AVX512-BF16 the caller stays in Python (has_bf16_dot()).
 Tensor block_attention(Tensor q, Tensor k, Tensor v, Tensor pair_query, Tensor pair_block, int64_t first,
                        int64_t block_size, double scale) {
@@ -688,8 +690,8 @@ Tensor block_attention(Tensor q, Tensor k, Tensor v, Tensor pair_query, Tensor p
   TORCH_CHECK(block_size >= 1 && block_size <= 64, "block_attention: block size ", block_size, " is not in 1..64");
   TORCH_CHECK(cpu_has_bf16_dot(), "block_attention: this CPU has no AVX512-BF16");
   q = q.contiguous();
-  k = k.contiguous();
-  v = v.contiguous();
+  if (k.stride(1) != 1) k = k.contiguous();
+  if (v.stride(1) != 1) v = v.contiguous();
   pair_query = pair_query.contiguous();
   pair_block = pair_block.contiguous();
   const int64_t T = q.size(0), G = q.size(1), D = q.size(2);
@@ -697,7 +699,8 @@ Tensor block_attention(Tensor q, Tensor k, Tensor v, Tensor pair_query, Tensor p
 #ifdef NANOSEEK_BF16_DOT
   auto run = [&](auto nv, auto nc) {
     block_attention_bf16<decltype(nv)::value, decltype(nc)::value>(
-        q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), k.size(0),
+        q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), k.stride(0), v.stride(0),
+        k.size(0),
         pair_query.data_ptr<int64_t>(), pair_block.data_ptr<int64_t>(), pair_query.numel(), T, G, first, block_size,
         static_cast<float>(scale), out.data_ptr<c10::BFloat16>());
   };
