@@ -401,3 +401,28 @@ def test_select_blocks_with_a_shared_score_buffer_is_unchanged():
     shared = select_blocks(q, w, IK, start, 64, bs, chunk=16, pooled=pooled, work=work)
     assert fresh.shape == (T, G, 8) and (fresh[:, :, 3:] >= 0).any()
     assert torch.equal(fresh, shared)
+
+
+def test_converted_model_serves_over_http(tmp_path):
+    """A converted model (per-group block selection) saved, loaded and served: /v1/completions
+    returns what the in-process engine generates, for a prompt long enough that every query
+    past the first blocks really selects."""
+    import httpx
+
+    from nanoseek.engine import Engine
+    from nanoseek.serve import create_app
+    from tests.test_serve_helpers import CharTokenizer, LiveServer
+    _, sparse = dense_and_sparse("gqa-groups", block=4)
+    sparse.save(tmp_path / "converted")
+    model = load_hf(tmp_path / "converted")
+    assert model.config.index_groups == 2
+    tok = CharTokenizer()
+    prompt = "The quick brown fox jumps over the lazy dog; " * 2
+    want = LLM(model, tokenizer=tok, block_size=4).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    assert len(tok.encode(prompt)) > 3 * model.config.index_topk
+    with LiveServer(create_app(Engine(model, tok, block_size=4, num_blocks=64), "converted")) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "converted", "prompt": prompt, "max_tokens": 10,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text and len(want.token_ids) == 10
