@@ -1,5 +1,7 @@
 """Logit parity with transformers on tiny random checkpoints, fp32, max abs diff <= 1e-4."""
 
+import copy
+
 import pytest
 import torch
 
@@ -134,7 +136,7 @@ def test_inference_slices_rows_of_norms_and_ffn_with_the_same_result(pair, monke
     _, ours, _ = pair
     ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(5))
     for dtype in (torch.float32, torch.bfloat16):
-        model = ours.to(dtype)
+        model = copy.deepcopy(ours).to(dtype)
         with torch.enable_grad():
             whole = model(ids).detach()  # autograd on: the one-piece path
         monkeypatch.setattr(layers, "NORM_ROWS", 3)
@@ -144,4 +146,3 @@ def test_inference_slices_rows_of_norms_and_ffn_with_the_same_result(pair, monke
         monkeypatch.undo()
         assert sliced.dtype == whole.dtype
         torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
-    ours.float()
