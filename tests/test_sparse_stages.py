@@ -85,6 +85,7 @@ def test_stage_cli_args_and_token_batches():
     a = p.parse_args(["--stage", "indexer-warmup", "--data", "x.txt", "--out", "o", "--index-topk", "256",
                       "--steps", "3"])
     assert a.stage == "indexer-warmup" and a.index_topk == 256 and a.index_layers is None and a.steps == 3
+    assert p.parse_args(["--stage", "sparse"]).index_topk is None  # unset: the model's own (new indexers: 1024)
     b = next(token_batches(torch.arange(100), seq_len=10, batch_size=3))
     assert b.shape == (3, 11) and torch.equal(b[:, 1:] - b[:, :-1], torch.ones(3, 10, dtype=torch.long))
 
@@ -133,6 +134,12 @@ def test_run_stage_converts_a_checkpoint_end_to_end(tmp_path):
     assert g.config.index_groups == 2 and g.layers[1].self_attn.indexer.weights_proj.weight.shape == (4, 64)
     with torch.no_grad():
         assert torch.isfinite(g(ids(1, 30))).all()
+    # a stage without --index-topk / --index-block-size keeps the model's own, not the CLI defaults
+    bare = [a for a in common if a not in ("--index-topk", "8", "--index-block-size", "4")]
+    run_stage(p.parse_args(["--stage", "sparse", "--model", str(tmp_path / "groups"), "--out", str(tmp_path / "kept")]
+                           + bare), log=lambda s: None)
+    kept = load_hf(tmp_path / "kept").config
+    assert kept.index_topk == 8 and kept.index_block_size == 4
 
 
 def test_kl_every_fits_a_rotating_subset_of_query_chunks():
