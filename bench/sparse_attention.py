@@ -1,6 +1,8 @@
 """DSA sparse attention vs dense (PyTorch SDPA) on this CPU: speed, memory, and quality.
 
     python bench/sparse_attention.py speed --config mla --lengths 4096,8192,16384,32768
+    python bench/sparse_attention.py speed --config smollm2 --layers 6 --dense-layers 0 --index-groups 3 \
+        --block-size 32 --topk 1024 --lengths 4096,8192,16384,32768,65536 --tag _hybrid6_k1024
     python bench/sparse_attention.py quality --steps 60 --lr 3e-3 --save /tmp/dsa60
     python bench/sparse_attention.py quality --init /tmp/dsa60 --steps 30 --lr 1e-3 --seed 1 --save /tmp/dsa90
 
@@ -14,6 +16,8 @@ Configs:
           its flash kernel (with 192 vs 128 it falls back to the math path, which materialises
           the n x n scores); dense SwiGLU FFN 1408; indexer 4 heads x 64 (rope 32), k = --topk
   smollm2 SmolLM2-135M's layer (dim 576, GQA 9/3 heads x 64, FFN 1536); indexer 4 x 64
+--dense-layers leaves those layers dense in the sparse model (a hybrid: 1 of 6 is the share of
+the 5-of-30 SmolLM2 hybrid that keeps quality; the dense peer is unchanged).
 Times are wall clock and CPU time of the (single-threaded by default) process: on a shared
 machine the CPU time is the comparable number; the plot shows it.
 Writes bench/results/sparse_<config>.json and .png.
