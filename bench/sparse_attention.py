@@ -1,7 +1,7 @@
 """DSA sparse attention vs dense (PyTorch SDPA) on this CPU: speed, memory, and quality.
 
     python bench/sparse_attention.py speed --config mla --lengths 4096,8192,16384,32768
-    python bench/sparse_attention.py speed --config smollm2 --layers 6 --dense-layers 0 --index-groups 3 \
+    python bench/sparse_attention.py speed --config smollm2 --layers 6 --dense-layers 0 --index-groups 3 \\
         --block-size 32 --topk 1024 --lengths 4096,8192,16384,32768,65536 --tag _hybrid6_k1024
     python bench/sparse_attention.py quality --steps 60 --lr 3e-3 --save /tmp/dsa60
     python bench/sparse_attention.py quality --init /tmp/dsa60 --steps 30 --lr 1e-3 --seed 1 --save /tmp/dsa90
