@@ -138,7 +138,9 @@ def speed(args):
                    "--layers", str(args.layers), "--topk", str(args.topk), "--block-size", str(args.block_size),
                    "--index-heads", str(args.index_heads), "--index-dim", str(args.index_dim),
                    "--index-groups", str(args.index_groups), "--threads", str(args.threads),
-                   "--decode-steps", str(args.decode_steps)] + (["--dense-layers", args.dense_layers] if args.dense_layers else [])
+                   "--decode-steps", str(args.decode_steps)]
+            if args.dense_layers:
+                cmd += ["--dense-layers", args.dense_layers]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-2000:], file=sys.stderr)
@@ -175,9 +177,10 @@ def plot(path):
         ax.legend()
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
-    hybrid = f" ({meta['dense_layers']} dense)" if meta.get("dense_layers") else ""
+    hybrid = f" (dense: layer {meta['dense_layers']})" if meta.get("dense_layers") else ""
     fig.suptitle(f"DSA vs dense SDPA, {meta['config']} x {meta['layers']} layers{hybrid}, top-k {meta['topk']}, "
-                 f"block {meta.get('block_size', 1)}, groups {meta.get('index_groups', 1)}, indexer {meta['index_heads']}x{meta['index_dim']}, {meta['threads']} CPU thread(s), bf16")
+                 f"block {meta.get('block_size', 1)}, groups {meta.get('index_groups', 1)}, "
+                 f"indexer {meta['index_heads']}x{meta['index_dim']}, {meta['threads']} CPU thread(s), bf16")
     fig.tight_layout()
     fig.savefig(Path(path).with_suffix(".png"), dpi=110)
 

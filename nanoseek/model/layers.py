@@ -9,7 +9,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 
 
-# Rows normalised at a time at inference: F.rms_norm on CPU is several passes, each with a fresh
+# Rows normalised at a time at inference on a CPU: F.rms_norm there is several passes, each with a fresh
 # fp32 temporary, so a long prefill's [T, dim] norm costs ~5x more in one piece (page faults,
 # cache misses) than in slices of 256 rows (32K x 576: 256 -> 54 ms, one thread). Same result.
 NORM_ROWS = 256
@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         D = x.shape[-1]
-        if x.numel() <= NORM_ROWS * D or torch.is_grad_enabled() or not x.is_contiguous():
+        if x.numel() <= NORM_ROWS * D or torch.is_grad_enabled() or not x.is_contiguous() or x.device.type != "cpu":
             return self._norm(x)
         out = x.new_empty(x.shape, dtype=torch.promote_types(self.weight.dtype, x.dtype))
         rows, out_rows = x.view(-1, D), out.view(-1, D)

@@ -13,7 +13,7 @@ from nanoseek.model.layers import MLP, RMSNorm, RotaryEmbedding
 from nanoseek.model.moe import MoE
 
 
-# Tokens through the feed-forward half at a time at inference (a dense MLP's rows are
+# Tokens through the feed-forward half at a time at inference on a CPU (a dense MLP's rows are
 # independent): a long prefill's [T, inter_dim] gate/up temporaries would otherwise be fresh
 # allocations in every layer, and their page faults and cache misses cost more than the silu and
 # product on them (SmolLM2's MLP at 32K tokens, one thread: 1.41 s in one piece, 1.14 s in
@@ -33,7 +33,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         D = x.shape[-1]
         if (x.numel() <= FFN_ROWS * D or torch.is_grad_enabled() or not isinstance(self.mlp, MLP)
-                or not x.is_contiguous()):
+                or not x.is_contiguous() or x.device.type != "cpu"):
             return x + self.mlp(self.post_attention_layernorm(x))
         rows = x.view(-1, D)  # x is this call's own tensor: the residual is added in place
         for a in range(0, rows.shape[0], FFN_ROWS):

@@ -608,7 +608,8 @@ BF16_DOT_TARGET void block_rows(const BlockRow* rows, int n, const uint32_t* kp,
 // queries t0 .. t1 - 1: one thread's share (a lambda would not carry the target attributes)
 template <int NV, int NC>
 BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v,
-                                           int64_t ks, int64_t vs, int64_t P, const int64_t* pq, const int64_t* pb, int64_t n_pairs,
+                                           int64_t ks, int64_t vs, int64_t P, const int64_t* pq, const int64_t* pb,
+                                           int64_t n_pairs,
                                            int64_t t0, int64_t t1, int64_t G, int64_t first, int64_t bs, float scale,
                                            c10::BFloat16* out) {
   constexpr int64_t D = 32 * NV, BSP = 16 * NC;
@@ -667,8 +668,8 @@ BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BF
 }
 
 template <int NV, int NC>
-void block_attention_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t ks, int64_t vs,
-                          int64_t P,
+void block_attention_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, int64_t ks,
+                          int64_t vs, int64_t P,
                           const int64_t* pq, const int64_t* pb, int64_t n_pairs, int64_t T, int64_t G, int64_t first,
                           int64_t bs, float scale, c10::BFloat16* out) {
   const int64_t grain = std::max<int64_t>(1, T / std::max(1, at::get_num_threads()));
@@ -975,7 +976,8 @@ Tensor topk_columns(Tensor s, Tensor limit, int64_t lo, int64_t k) {
   if (k == 0 || s.size(0) == 0) return out;
   auto go = [&](auto zero) {
     using T = decltype(zero);
-    topk_columns_rows<T>(s.data_ptr<T>(), limit.data_ptr<int64_t>(), s.size(0), s.size(1), lo, k, out.data_ptr<int64_t>());
+    topk_columns_rows<T>(s.data_ptr<T>(), limit.data_ptr<int64_t>(), s.size(0), s.size(1), lo, k,
+                         out.data_ptr<int64_t>());
   };
   AT_DISPATCH_SWITCH(s.scalar_type(), "nanoseek_topk_columns",
       AT_DISPATCH_CASE(at::kFloat, [&] { go(float{}); }) AT_DISPATCH_CASE(at::kBFloat16, [&] { go(c10::BFloat16{}); }));
