@@ -2,9 +2,9 @@
 
   1. batch-1 decode tokens/s: nanoseek vs llama.cpp (llama-cpp-python, same GGUF, 2 threads);
   2. aggregate output tokens/s, 32 concurrent requests (128-token prompts, 128 new tokens):
-     nanoseek's engine vs transformers `generate` on the 32 prompts as one padded batch
-     (its best of fp32 and bf16), llama.cpp alongside (one request at a time: its Python API
-     does not batch sequences);
+     nanoseek's engine vs transformers `generate` on the 32 prompts as one padded batch (its
+     best of fp32 and bf16, on the GGUF as it loads it or on the weights dequantised), llama.cpp
+     alongside (one request at a time: its Python API does not batch sequences);
   3. prefix cache: TTFT of a request sharing a 1,000-token prefix, cache on vs off.
 
     python bench/engine_throughput.py [--precision bf16,int8] [--skip-llamacpp]
@@ -15,7 +15,9 @@ this CPU; without it those columns are skipped.
 """
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,10 +58,16 @@ def engine_ttft(engine, prompt):
     return timed(lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
 
 
-def transformers_model(path, precision):
+def transformers_model(path, precision, dense_dir=None):
+    """transformers on the GGUF as it loads it (its weights kept packed), or, with dense_dir, on
+    the same weights dequantised into an HF checkpoint there (plain dense matmuls): the bench
+    takes transformers' best of the four."""
     from transformers import AutoModelForCausalLM
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    if dense_dir is None:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     with torch.inference_mode():  # warm-up
         x = torch.tensor([[100, 200, 300]] * 2)
@@ -143,7 +151,10 @@ def main():
     # (median of --repeats interleaved rounds: one 32-request run is ~10 s, long enough for the
     # machine's noise to move it by 20%)
     prompts = random_prompts(32, 128, 1)
-    hf = {prec: transformers_model(path, prec) for prec in ("fp32", "bf16")}
+    dense_dir = Path(tempfile.mkdtemp(prefix="nanoseek-hf-"))
+    nanoseek.load(str(path), "fp32")[0].save(dense_dir)  # the GGUF's weights, dequantised, as HF safetensors
+    hf = {f"{prec}{tag}": transformers_model(path, prec, d) for prec in ("fp32", "bf16")
+          for tag, d in (("", None), (" dense weights", dense_dir))}
     runs = {}
     for _ in range(args.repeats):
         for prec in precisions:
@@ -153,6 +164,7 @@ def main():
     res["batch32"] = {k: round(median(v), 1) for k, v in runs.items()}
     res["batch32_runs"] = {k: [round(x, 1) for x in v] for k, v in runs.items()}
     del hf
+    shutil.rmtree(dense_dir, ignore_errors=True)
     if lcpp is not None:
         t = timed(lambda: [llamacpp_decode_tps(lcpp, p, 128) for p in prompts])
         res["batch32"]["llama.cpp (sequential)"] = round(32 * 128 / t, 1)
@@ -172,7 +184,7 @@ def main():
     print(ttft, flush=True)
 
     d, b = res["decode_b1"], res["batch32"]
-    best_hf = max(b["transformers fp32"], b["transformers bf16"])
+    best_hf = max(v for k, v in b.items() if k.startswith("transformers"))
     lines = ["| benchmark | system | tok/s | ratio |", "|---|---|---|---|"]
     for name, v in d.items():
         ratio = f"{v / d['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in d else "-"
