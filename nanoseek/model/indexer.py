@@ -297,8 +297,12 @@ def _native_topk(s):
     return native.module()
 
 
+BLOCK_SCORE_CHUNK = 1024  # queries scored against the block keys at a time (select_blocks)
+
+
 @torch.no_grad()
-def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = 1024, pooled=None, work=None):
+def select_blocks(q, w, IK, start: int, topk: int, block: int, chunk: int = BLOCK_SCORE_CHUNK, pooled=None,
+                  work=None):
     """The selected blocks of T queries at positions start..start+T-1 (index_block_size > 1).
 
     q [T, H_I, D_I], w [T, H_I], IK [>= start + T, D_I] -> sel [T, topk // block]: block ids,

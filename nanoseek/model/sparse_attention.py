@@ -20,8 +20,8 @@ query each) use the per-query gather above.
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.indexer import (IndexerOutput, block_positions, choose_blocks, fit_indexer, group_heads,
-                                    index_scores, pooled_keys, recency_bias, select_blocks, select_topk)
+from nanoseek.model.indexer import (BLOCK_SCORE_CHUNK, IndexerOutput, block_positions, choose_blocks, fit_indexer,
+                                    group_heads, index_scores, pooled_keys, recency_bias, select_blocks, select_topk)
 
 # Queries whose selected rows are gathered at once: C * k * row bytes, a few MB (cache-sized).
 GATHER_CHUNK = 64
@@ -260,7 +260,6 @@ def _block_values(s, total, V, v_dim, dtype):
 
 # Queries selected and attended together: bounds the [block, k] index tensors (int64) at long T.
 SELECT_BLOCK = 1024
-SELECT_CHUNK = 1024  # queries scored against the block keys at a time (select_blocks' chunk)
 
 
 def sparse_causal_attention(q, k, v, scale, v_dim, index: IndexerOutput):
@@ -299,13 +298,12 @@ def attend_selected(q, K, V, scale, v_dim, iq, iw, IK, start, topk, block=1, slo
     # the blocks' mean keys, once for all chunks (the last chunk needs every block before it)
     pooled = pooled_keys(IK, (start + T - 1) // block, block) if block > 1 else None
     work = None  # per-group block scores of a chunk of queries, sized for the last (longest) one
-    if block > 1 and iw.dim() == 3 and not torch.is_grad_enabled():
-        work = iq.new_empty(min(SELECT_CHUNK, T) * (iq.shape[1] + iw.shape[1]) * pooled.shape[0])
+    if block > 1 and iw.dim() == 3:
+        work = iq.new_empty(min(BLOCK_SCORE_CHUNK, T) * (iq.shape[1] + iw.shape[1]) * pooled.shape[0])
     for a in range(0, T, span):
         b = min(a + span, T)
         if block > 1:
-            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block, chunk=SELECT_CHUNK, pooled=pooled,
-                                work=work)
+            sel = select_blocks(iq[a:b], iw[a:b], IK, start + a, topk, block, pooled=pooled, work=work)
             o = attend_blocks(q[a:b], K, V, scale, v_dim, sel, start + a, block, slots)
         else:
             idx, valid = select_topk(iq[a:b], iw[a:b], IK, start + a, topk)

@@ -190,8 +190,8 @@ def add_stage_args(p):
              "dense; 512 loses 3-4%% at 4K-8K, docs/BENCHMARKS.md)")
     add("--index-layers", default=None, help="comma-separated layer ids with an indexer (default: all)")
     add("--index-block-size", type=int, default=None,
-        help="new indexers select blocks of this many keys (default 32; 1 = single keys, DSA as published; blocks are what "
-             "makes sparse prefill faster than dense SDPA on a CPU)")
+        help="new indexers select blocks of this many keys (default 32; 1 = single keys, DSA as published; "
+             "blocks are what makes sparse prefill faster than dense SDPA on a CPU)")
     add("--index-groups", type=int, default=None,
         help="block selections per layer: 1 = one for all heads (DSA); g = each of g groups of KV heads "
              "chooses its own blocks (NSA). Default for new indexers: one per KV head for GQA with blocks "
