@@ -8,7 +8,10 @@ import httpx
 import openai
 import pytest
 
-from nanoseek.engine import Engine
+from nanoseek.engine import LLM, Engine
+from nanoseek.engine.llm import AsyncLLM
+from nanoseek.errors import NanoseekError
+from nanoseek.sampling import SamplingParams
 from nanoseek.serve import create_app
 from tests.test_serve_helpers import CharTokenizer, LiveServer, ScriptedModel, tiny_model
 
@@ -213,17 +216,36 @@ def test_metrics_prometheus_text(client, server):
         assert samples[f"nanoseek:{h}_sum{{{lab}}}"] > 0
 
 
-def test_api_key(engine):
+def test_api_key():
+    # its own engine: the module's server already drives the shared one (an engine has one driver)
+    engine = Engine(tiny_model(seed=0, max_seq_len=256), CharTokenizer(), num_blocks=32)
     with LiveServer(create_app(engine, MODEL, api_key="s3cret")) as url:
-        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
         with pytest.raises(openai.AuthenticationError) as e:
             bad.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)
         assert e.value.body["code"] == "invalid_api_key"
         r = httpx.get(url + "/v1/models")
         assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
         assert good.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1).usage.completion_tokens == 1
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_an_engine_has_one_driver(tok):
+    """A second loop stepping the same engine would take the first one's outputs (its client
+    then waits forever): it is refused at once, and the engine is free again after shutdown."""
+    llm = LLM(tiny_model(seed=0, max_seq_len=64), tokenizer=tok, num_blocks=16)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    alone = llm.generate("hello", params)[0].outputs[0].token_ids
+    served = AsyncLLM(llm.engine)
+    with pytest.raises(NanoseekError, match="already driven by another AsyncLLM"):
+        AsyncLLM(llm.engine)
+    with pytest.raises(NanoseekError, match="already driven by another AsyncLLM"):
+        create_app(llm.engine, MODEL)
+    with pytest.raises(NanoseekError, match="being served by an AsyncLLM"):
+        llm.generate("hello", params)
+    served.shutdown()
+    assert llm.engine.driver is None and llm.generate("hello", params)[0].outputs[0].token_ids == alone
 
 
 def scripted_server(tok, output: str, generation_prefix: str = ""):
@@ -234,7 +256,7 @@ def scripted_server(tok, output: str, generation_prefix: str = ""):
 
 def test_reasoning_content_streamed_across_chunks(tok):
     with scripted_server(tok, "<think>Why so?</think>Ok then") as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = client.chat.completions.create(model="scripted", messages=MSGS, temperature=0)
         assert r.choices[0].message.content == "Ok then"
         assert r.choices[0].message.model_extra["reasoning_content"] == "Why so?"

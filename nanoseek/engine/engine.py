@@ -104,6 +104,9 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics()
         self._ids = itertools.count()
+        # the AsyncLLM whose thread steps this engine, if any: an engine has one driver, since
+        # a second loop would step it concurrently and take the first one's outputs
+        self.driver = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

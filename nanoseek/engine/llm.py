@@ -50,6 +50,9 @@ class LLM:
         `max_in_flight` requests are in the engine at once (None: all), topped up as each one
         finishes, so the batch never waits for its slowest member and a long list of
         long generations does not overrun the KV pool into preemption churn."""
+        if self.engine.driver is not None:
+            raise NanoseekError("LLM.generate: this engine is being served by an AsyncLLM; send requests "
+                                "through it, or shut it down first")
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         limit = len(prompts) if max_in_flight is None else max(1, max_in_flight)
@@ -83,6 +86,10 @@ class AsyncLLM:
     """
 
     def __init__(self, engine: Engine):
+        if engine.driver is not None:
+            raise NanoseekError("AsyncLLM: this engine is already driven by another AsyncLLM; share that one "
+                                "(create_app accepts it), or shut it down first")
+        engine.driver = self
         self.engine = engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -94,6 +101,12 @@ class AsyncLLM:
         self._thread.start()
 
     def _loop(self):
+        try:
+            self._serve()
+        finally:  # released by the thread itself, so a new driver never overlaps a last step
+            self.engine.driver = None
+
+    def _serve(self):
         while not self._stop:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
