@@ -6,10 +6,14 @@
   3. the engine's decode step with the compiled loop (engine/csrc/decode.cpp), the Python loop
      (engine/flat_decode.py) and the modules, interleaved in one process (same tokens checked);
   4. a 32-row bf16 decode step: as shipped, without prepacked weights, without the AVX512-BF16
-     attention, and its matmuls' share.
+     attention, and its matmuls' share;
+  5. (--only prefill) the 32 x 128-token bf16 prefill step with glibc's malloc thresholds fixed
+     (nanoseek/cpu_heap.py) and with its defaults (NANOSEEK_KEEP_HEAP=0), a fresh process each,
+     interleaved, with the minor page faults a step takes.
 
     python bench/decode_parts.py [--threads 2] [--precision int4]
     python bench/decode_parts.py --only batch      # 4. alone: decode_batch_<threads>t.json
+    python bench/decode_parts.py --only prefill    # 5.: prefill_heap_<threads>t.json
 
 Writes bench/results/decode_parts_<threads>t.json.
 """
@@ -164,14 +168,66 @@ def batch_step(rounds=3, rows=32, prompt_len=128, warm=60, steps=20):
     return res
 
 
+def prefill_one(threads, steps=4):
+    """In this process: `steps` 32 x 128-token prefill steps after one warm-up; prints JSON."""
+    import json
+    import resource
+    from nanoseek.engine import Engine
+    torch.set_num_threads(threads)
+    model, tok = nanoseek.load(smollm2_path(), "bf16")
+    engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 40000, (128,), generator=g).tolist() for _ in range(32)]
+    times, faults = [], []
+    for i in range(steps + 1):
+        for p in prompts:
+            engine.add_request(p, nanoseek.SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        engine.step()
+        if i:
+            times.append(time.perf_counter() - t)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        while engine.has_unfinished():
+            engine.step()
+    print(json.dumps({"ms": round(median(times) * 1e3, 1), "faults": int(median(faults))}))
+
+
+def prefill_heap(threads, rounds=3):
+    """prefill_one with the thresholds fixed and with glibc's defaults, rounds interleaved."""
+    import json
+    import os
+    import subprocess
+    res = {"kept_ms": [], "kept_faults": [], "default_ms": [], "default_faults": []}
+    for _ in range(rounds):
+        for way, flag in (("kept", "1"), ("default", "0")):
+            out = subprocess.run([sys.executable, __file__, "--only", "_prefill_one", "--threads", str(threads)],
+                                 env=dict(os.environ, NANOSEEK_KEEP_HEAP=flag), capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            res[f"{way}_ms"].append(r["ms"])
+            res[f"{way}_faults"].append(r["faults"])
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="int4", help="for the flat-loop A/B")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--only", choices=["batch"], help="batch: only the 32-row bf16 step (decode_batch_<threads>t.json)")
+    ap.add_argument("--only", choices=["batch", "prefill", "_prefill_one"],
+                    help="batch: only the 32-row bf16 step (decode_batch_<threads>t.json); prefill: only the "
+                         "32 x 128 prefill step, malloc thresholds kept vs glibc's (prefill_heap_<threads>t.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "_prefill_one":
+        return prefill_one(args.threads)
+    if args.only == "prefill":
+        r = prefill_heap(args.threads)
+        line = (f"32 x 128-token bf16 prefill step (medians of rounds): thresholds kept {median(r['kept_ms'])} ms "
+                f"({r['kept_ms']}, faults {r['kept_faults']}), glibc defaults {median(r['default_ms'])} ms "
+                f"({r['default_ms']}, faults {r['default_faults']})")
+        write_results(Path(args.out), f"prefill_heap_{args.threads}t", dict(machine=machine(), prefill=r), line)
+        return
     b = batch_step()
     batch_line = (f"32-row bf16 decode step (medians of rounds): shipped {median(b['shipped_ms'])} ms "
                   f"({b['shipped_ms']}), without prepacked weights {median(b['no_prepack_ms'])} ms ({b['no_prepack_ms']}), "

@@ -25,6 +25,7 @@ from collections import deque
 
 import torch
 
+from nanoseek.cpu_heap import keep_freed_memory
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.engine.metrics import EngineMetrics
@@ -79,6 +80,8 @@ class Engine:
                  kv_cache_gib: float | None = 1.0, num_blocks: int | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, watermark: float | None = 0.01):
         self.model, self.tokenizer = model.eval(), tokenizer
+        if model.device.type == "cpu":
+            keep_freed_memory()  # a prefill's activations would otherwise be page-faulted anew each step
         pack_projections(model)  # q/k/v and gate/up as one matmul each (tensors shared, nothing copied)
         self.flat = None  # decode steps without module dispatch, where the model allows (flat_decode.py)
         cfg = model.config

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from nanoseek.checkpoint.hf import atomic_write
 from nanoseek.config import ModelConfig
+from nanoseek.cpu_heap import keep_freed_memory
 from nanoseek.errors import NanoseekError
 from nanoseek.model.transformer import Transformer
 from nanoseek.train import dist as D
@@ -55,6 +56,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.info = D.setup(cfg.run.device)
         self.device = self.info.device
+        if torch.device(self.device).type == "cpu":
+            keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages
         self._check_data_exists()  # fail on a bad path before minutes of model set-up
         self._seed_everything(cfg.run.seed)
         self.tokenizer, self.tokenizer_dir = None, None
