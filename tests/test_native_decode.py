@@ -3,6 +3,8 @@ attention against a dense reference, and every decode step of the engine against
 it replaces, from the same cache state, in each precision it runs."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -125,20 +127,30 @@ def test_native_steps_aside_when_disabled(monkeypatch, sources):
     assert engine.flat is not None and engine.flat.natives == {torch.float32: None}  # the Python loop ran it
 
 
-def test_a_lock_left_by_a_killed_build_is_dropped(monkeypatch, tmp_path, capsys):
-    """torch's builder waits forever on its lock file; one older than any build is removed."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_lock_left_by_a_killed_build_is_dropped_and_a_live_build_is_waited_for(tmp_path):
+    """torch's builder waits forever on a lock file a killed build left (however fresh): with
+    nobody holding our flock it is dropped; while another process holds it, the claim waits."""
     build = tmp_path / native.NAME
     build.mkdir()
     lock = build / "lock"
     lock.write_text("")
-    native._announce_or_unlock()
-    assert lock.exists()  # a build may be running now: left alone
-    old = time.time() - native.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    native._announce_or_unlock()
+    native.claim_build(build).close()
     assert not lock.exists()
-    assert "building the native decode loop" in capsys.readouterr().err  # nothing built there yet
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(build / 'nanoseek.flock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        f"open({str(lock)!r}, 'w').close(); print('held', flush=True); time.sleep(1.5)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t = time.monotonic()
+        held = native.claim_build(build)
+        waited = time.monotonic() - t
+        held.close()
+    finally:
+        holder.wait(timeout=30)
+    assert waited > 0.5 and not lock.exists()  # it waited for the live build, then cleared its lock
 
 
 def _generate(model, prompts, n, engine=None):

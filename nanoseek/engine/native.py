@@ -8,14 +8,12 @@ build, or NANOSEEK_NATIVE=0 in the environment. Everything then runs in Python
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode.cpp"
 NAME = "nanoseek_decode"
-STALE_LOCK_S = 600  # a build takes ~30-60 s; a lock this old belongs to a build that died
 _state: dict = {}
 
 
@@ -27,19 +25,28 @@ def _cflags() -> list[str]:
     return ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else [])
 
 
-def _announce_or_unlock():
-    """Say when a build is coming; drop a lock a killed build left behind (torch's builder would
-    otherwise wait on it forever). Best effort: the build directory is torch's private layout."""
+def _build_directory() -> Path | None:
     try:
         from torch.utils import cpp_extension
-        build = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+        return Path(cpp_extension._get_build_directory(NAME, verbose=False))  # made if missing
     except Exception:
-        return
-    lock = build / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-    if not (build / f"{NAME}.so").exists():
-        print("nanoseek: building the native decode loop (once, ~30 s)", file=sys.stderr)
+        return None
+
+
+def claim_build(build: Path):
+    """Hold an flock on the build directory for this process's build (waiting while another
+    process builds), and drop torch's `lock` file if one is there: the flock is released by the
+    kernel when its holder dies, so once we hold it, any torch lock left is a killed build's,
+    which torch's builder would otherwise wait on forever. Returns the held file (or None where
+    flock does not exist); closing it releases the claim."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        return None
+    held = open(build / "nanoseek.flock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    (build / "lock").unlink(missing_ok=True)
+    return held
 
 
 def module():
@@ -49,9 +56,16 @@ def module():
     if os.environ.get("NANOSEEK_NATIVE", "1") != "0":
         try:
             from torch.utils import cpp_extension
-            _announce_or_unlock()
-            mod = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
-                                     verbose=False)
+            build = _build_directory()
+            held = claim_build(build) if build is not None else None
+            try:
+                if build is not None and not (build / f"{NAME}.so").exists():
+                    print("nanoseek: building the native decode loop (once, ~30-70 s)", file=sys.stderr)
+                mod = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=_cflags(),
+                                         extra_ldflags=["-fopenmp"], verbose=False)
+            finally:
+                if held is not None:
+                    held.close()
         except Exception as e:  # no compiler, no headers, a build error: Python runs it instead
             print(f"nanoseek: native decode unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
                   " decoding in Python", file=sys.stderr)
