@@ -157,8 +157,10 @@ def test_503_while_loading_then_ready():
         err = error_of(chat(http, max_tokens=1), 503)
         assert err["code"] == "model_loading" and err["type"] == "server_error"
         assert http.get("/metrics").status_code == 503
+        assert error_of(http.get("/v1/models"), 503)["code"] == "model_loading"  # a readiness probe too
         gate.set()
         assert wait_until(lambda: http.get("/health").status_code == 200, timeout=30)
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 128
         assert chat(http, max_tokens=2).json()["usage"]["completion_tokens"] <= 2
 
 
@@ -174,6 +176,7 @@ def test_load_failure_is_reported():
         r = http.get("/health")
         assert r.status_code == 503 and "no such checkpoint" in r.json()["error"]
         assert error_of(chat(http, max_tokens=1), 503)["code"] == "model_load_failed"
+        assert error_of(http.get("/v1/models"), 503)["code"] == "model_load_failed"
 
 
 @pytest.mark.parametrize("failure,status,kind", [

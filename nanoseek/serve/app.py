@@ -146,9 +146,10 @@ def create_app(engine_or_llm, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        card = {"id": model_name, "object": "model", "created": state.created, "owned_by": "nanoseek"}
-        if state.llm is not None:
-            card["max_model_len"] = handlers.context_limit(state.llm.engine)
+        # 503 until loaded, like /health: scripts written for vLLM poll /v1/models for readiness
+        llm = state.require_llm()
+        card = {"id": model_name, "object": "model", "created": state.created, "owned_by": "nanoseek",
+                "max_model_len": handlers.context_limit(llm.engine)}
         return {"object": "list", "data": [card]}
 
     # ---- operations ------------------------------------------------------------------------

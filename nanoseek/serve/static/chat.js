@@ -45,6 +45,7 @@ async function loadModel() {
   try {
     const r = await fetch("/v1/models", { headers: headers() });
     const body = await r.json();
+    if (r.status === 503) setTimeout(loadModel, 2000);  // still loading: ask again
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
     model = body.data[0].id;
     $("model").textContent = model;
