@@ -102,6 +102,30 @@ def test_prefix_cache_hits_are_counted_and_exact(model):
     assert llm.engine.blocks.hit_tokens >= 3 * 40
 
 
+def test_reset_prefix_cache_after_a_weight_update(model):
+    """Cached blocks hold keys of the weights that computed them: after an in-place update
+    (an RL step) the cache is dropped, refused while a request is in flight, and afterwards the
+    output is a fresh engine's on the new weights."""
+    import copy
+    m = copy.deepcopy(model)
+    p = prompts(1, seed=21, lo=40, hi=41)[0]
+    llm = LLM(m, block_size=4)
+    llm.generate([p], GREEDY)
+    with torch.no_grad():
+        for w in m.parameters():
+            if w.dim() == 2:
+                w.mul_(1.3)
+    assert llm.generate([p], GREEDY)[0].cached_tokens >= 36  # the stale hit this exists to stop
+    rid = llm.engine.add_request(p, GREEDY)
+    assert not llm.reset_prefix_cache()  # in flight: its blocks came from the old weights too
+    llm.engine.abort(rid)
+    assert llm.reset_prefix_cache()
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks and not llm.engine.blocks.cached
+    out = llm.generate([p], GREEDY)[0]
+    fresh = LLM(m, block_size=4, enable_prefix_caching=False).generate([p], GREEDY)[0]
+    assert out.cached_tokens == 0 and out.outputs[0].token_ids == fresh.outputs[0].token_ids
+
+
 def test_shared_prefix_decodes_once_for_all_and_exactly(model, monkeypatch):
     """Cascade decode: 12 requests sharing a 40-token prefix (cached blocks) attend it once per
     step for all of them; every greedy output equals the reference."""

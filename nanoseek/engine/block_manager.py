@@ -107,6 +107,17 @@ class BlockManager:
                 self.cached[h] = b
                 self.hash_of[b] = h
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (their KV came from weights that have since changed);
+        False, and nothing changed, while any block is still held by a sequence."""
+        if any(self.refs):
+            return False
+        self.free.extend(reversed(self.evictable))  # popped from the end: LRU order kept
+        self.evictable.clear()
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks
+        return True
+
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0

@@ -159,6 +159,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache, as after a weight update (an RL step, a new adapter): cached
+        blocks hold keys the old weights computed. Like vLLM, False (nothing dropped) while
+        requests are in flight, whose blocks were computed with the old weights too."""
+        return not self.has_unfinished() and self.blocks.reset_prefix_cache()
+
     # ---- scheduling -----------------------------------------------------------------------
     def _preempt(self, seq: Sequence):
         self.blocks.release(seq.table)

@@ -69,6 +69,10 @@ class LLM:
             for rid in list(index):  # an exception, Ctrl-C or an abandoned iterator must not leave blocks held
                 self.engine.abort(rid)
 
+    def reset_prefix_cache(self) -> bool:
+        """After changing the model's weights: see Engine.reset_prefix_cache."""
+        return self.engine.reset_prefix_cache()
+
     def chat(self, messages, params: SamplingParams | None = None, **template_kwargs) -> list[RequestOutput]:
         """messages: one conversation (list of {role, content}) or a list of them."""
         if self.tokenizer is None:
