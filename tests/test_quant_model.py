@@ -163,7 +163,16 @@ def test_load_with_a_quantization_precision(sources, tmp_path):
         nanoseek.load(sources["llama"], "int3")
 
 
+@pytest.mark.parametrize("arch", list(MAKERS))
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_num_params_is_unchanged_by_quantization(sources, arch, scheme):
+    """A packed weight counts as its logical out x in; a tied table (qwen2-tied) counts once."""
+    model = load_hf(sources[arch])
+    dense = model.num_params()
+    assert quantize_model(model, scheme, quantize_embeddings=True).num_params() == dense
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4", "fp8"])
 @torch.no_grad()
 def test_engine_generates_with_quantized_model(sources, scheme):
     """Greedy decoding through the paged engine (MLA's absorbed path reads kv_b_proj.weight,

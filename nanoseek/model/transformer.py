@@ -102,7 +102,17 @@ class Transformer(nn.Module):
         return self
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights in elements, quantized or not: a quantized module (quant/layers.py) keeps its
+        weight as a packed `qweight` buffer, counted as its logical out x in (scales are not
+        parameters); a table the head shares with the embedding counts once."""
+        n = sum(p.numel() for p in self.parameters())
+        seen = set()
+        for m in self.modules():
+            q = getattr(m, "qweight", None)
+            if isinstance(q, torch.Tensor) and q.data_ptr() not in seen:
+                seen.add(q.data_ptr())
+                n += m.out_features * m.in_features if hasattr(m, "in_features") else m.num_embeddings * m.embedding_dim
+        return n
 
     def save(self, path, tokenizer=None):
         """Write an HF-compatible checkpoint (config.json + model.safetensors), atomically."""
