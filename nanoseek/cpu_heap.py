@@ -25,18 +25,23 @@ TRIM_THRESHOLD = 256 << 20
 _done: list = []
 
 
+def glibc():
+    """The process's C library where it is glibc on Linux, else None (musl's mallopt takes these
+    parameters but ignores them)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Fix glibc's malloc thresholds for this process (once); True where they are set."""
-    if _done:
-        return _done[0]
-    ok = False
-    if sys.platform.startswith("linux") and os.environ.get("NANOSEEK_KEEP_HEAP", "1") != "0":
-        try:
-            libc = ctypes.CDLL(None)
-            libc.gnu_get_libc_version  # glibc only: musl's mallopt takes these but ignores them
-            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                             TRIM_THRESHOLD))
-        except (OSError, AttributeError):
-            ok = False
-    _done.append(ok)
-    return ok
+    if not _done:
+        libc = glibc() if os.environ.get("NANOSEEK_KEEP_HEAP", "1") != "0" else None
+        _done.append(libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+                     and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    return _done[0]

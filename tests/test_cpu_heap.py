@@ -1,12 +1,13 @@
 """glibc's malloc thresholds fixed by nanoseek.cpu_heap: a repeated pattern of multi-MB tensors
 (a prefill's activations, layer after layer) stops touching fresh pages every round."""
 
-import ctypes
 import os
 import subprocess
 import sys
 
 import pytest
+
+from nanoseek.cpu_heap import glibc
 
 PATTERN = """
 import resource, sys, torch
@@ -33,15 +34,7 @@ def faults(keep: bool) -> tuple[str, int]:
     return applied, int(count)
 
 
-def glibc() -> bool:
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version
-        return sys.platform.startswith("linux")
-    except AttributeError:
-        return False
-
-
-@pytest.mark.skipif(not glibc(), reason="glibc's malloc only")
+@pytest.mark.skipif(glibc() is None, reason="glibc's malloc only")
 def test_fixed_thresholds_stop_the_page_faults():
     (off, base), (on, kept) = faults(False), faults(True)
     assert (off, on) == ("False", "True")

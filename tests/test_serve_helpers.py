@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.engine import native
 from nanoseek.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,9 +172,6 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
-        # the native decode loop's first build (a minute on a busy machine) must not land inside a
-        # request that a client times out on; the serve CLI does the same in its loader
-        native.module()
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

@@ -26,6 +26,7 @@ from collections import deque
 import torch
 
 from nanoseek.cpu_heap import keep_freed_memory
+from nanoseek.engine import native
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.engine.metrics import EngineMetrics
@@ -82,6 +83,9 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         if model.device.type == "cpu":
             keep_freed_memory()  # a prefill's activations would otherwise be page-faulted anew each step
+            # the compiled decode loop's one-time build (30-70 s) here, not inside a first request
+            # that a client may time out on (the server builds engines while /health says 503)
+            native.module()
         pack_projections(model)  # q/k/v and gate/up as one matmul each (tensors shared, nothing copied)
         self.flat = None  # decode steps without module dispatch, where the model allows (flat_decode.py)
         cfg = model.config

@@ -11,7 +11,7 @@ import sys
 
 import uvicorn
 
-from nanoseek.engine import Engine, native
+from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.serve.app import create_app
 
@@ -60,10 +60,7 @@ def build_app(args):
 
     def loader():
         model, tokenizer = load_model(args.model_path, args.precision)
-        engine = Engine(model, tokenizer, **engine_kwargs)
-        if model.device.type == "cpu":  # the decode loop's one-time compile, while /health still says 503
-            native.module()
-        return engine
+        return Engine(model, tokenizer, **engine_kwargs)
 
     return create_app(loader, args.served_model_name, api_key=args.api_key,
                       max_queued_requests=args.max_queued_requests)
