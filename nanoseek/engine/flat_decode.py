@@ -36,16 +36,24 @@ from nanoseek.quant.layers import Int4Linear, Int8Linear
 
 NATIVE_HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes csrc/decode.cpp's attention is compiled for
 # bf16 weights are given to the compiled loop in oneDNN's blocked layout (a second copy of each, made
-# once) when the copies take at most this much; NANOSEEK_PREPACK=1 or 0 decides it regardless
+# once) when the copies take at most this much and the CPU can hold them; NANOSEEK_PREPACK=1 or 0
+# decides the size question regardless
 PREPACK_MAX_BYTES = 2 << 30
 
 
+def prepack_supported() -> bool:
+    """oneDNN keeps a bf16 blocked layout only where the CPU has bf16-capable vector units (AVX-512 or
+    AVX-NE-CONVERT); on an AVX2-only CPU _reorder_linear_weight raises."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _prepack_wanted(weights) -> bool:
+    if not prepack_supported():
+        return False
     flag = os.environ.get("NANOSEEK_PREPACK")
     if flag is not None:
         return flag != "0"
-    return (sum(w.numel() * w.element_size() for w in weights) <= PREPACK_MAX_BYTES
-            and torch.backends.mkldnn.is_available())
+    return sum(w.numel() * w.element_size() for w in weights) <= PREPACK_MAX_BYTES
 
 
 _VERSION = operator.attrgetter("_version")  # for tensors known to keep one (the per-step check)
