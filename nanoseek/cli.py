@@ -15,9 +15,8 @@ from nanoseek.errors import NanoseekError
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", "--model_path", "--model-path", dest="model", default=None,
                    help="GGUF file, HF checkpoint dir or repo id (default: embedded SmolLM2-135M-Instruct)")
-    from nanoseek.loading import LOAD_PRECISIONS
-    p.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
-                   help="fp32 | bf16, or quantized on load: int8 | int8-dynamic | int4 | fp8 (default: bf16)")
+    from nanoseek.loading import add_precision_argument
+    add_precision_argument(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser):

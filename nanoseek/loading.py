@@ -5,6 +5,7 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
+from nanoseek.hardware import auto_precision, warn_slow_bf16
 from nanoseek.checkpoint.hf import build_model, load_hf, PRECISIONS
 from nanoseek.checkpoint.hub import resolve
 from nanoseek.quant.convert import SCHEMES
@@ -13,12 +14,27 @@ from nanoseek.quant.convert import SCHEMES
 LOAD_PRECISIONS = (*PRECISIONS, *SCHEMES)
 
 
+def add_precision_argument(p, what: str = "weights"):
+    """--precision for every command that loads a model: one set of choices, one default (bf16
+    where this CPU runs bf16 matmuls at speed, else fp32: nanoseek/hardware.py)."""
+    default = auto_precision()
+    p.add_argument("--precision", default=default, choices=("auto", *LOAD_PRECISIONS),
+                   help=f"{what}: fp32, bf16, or quantized on load: int8, int8-dynamic, int4, fp8; auto: bf16 "
+                        f"where the CPU has bf16 matmul units, else fp32 (default: auto, here {default})")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> what this machine computes best ('bf16' or 'fp32'); any other name unchanged."""
+    return auto_precision() if precision == "auto" else precision
+
+
 def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp32", adapter=None):
     """Load a model and its tokenizer.
 
     path_or_repo_id: a GGUF file, an HF-format directory (config.json + safetensors), a
     Hugging Face repo id (downloaded when a network allows), or None for the embedded
-    default (SmolLM2-135M-Instruct). precision: fp32 | bf16, or a quantization scheme
+    default (SmolLM2-135M-Instruct). precision: fp32 | bf16 | auto (bf16 where the CPU runs
+    it at speed, else fp32), or a quantization scheme
     (int8 | int8-dynamic | int4 | fp8: quantized on load, computing in bf16; int8 and int4
     include the embeddings and lm_head). A checkpoint whose
     config.json has a quantization_config loads quantized whatever the precision.
@@ -26,8 +42,11 @@ def load(path_or_repo_id: str | os.PathLike | None = None, precision: str = "fp3
     cast / quantization, so the fine-tune serves at the base model's speed.
     """
     from nanoseek.quant import quantize_model
+    precision = resolve_precision(precision)
     if precision not in LOAD_PRECISIONS:
-        raise NanoseekError(f"precision {precision!r} is not supported (have: {', '.join(LOAD_PRECISIONS)})")
+        raise NanoseekError(f"precision {precision!r} is not supported (have: auto, {', '.join(LOAD_PRECISIONS)})")
+    if precision == "bf16":
+        warn_slow_bf16("precision bf16", "precision fp32 (or int4 for batch-1 decode) is faster here")
     scheme, precision = (precision, "fp32") if precision in SCHEMES else (None, precision)
     final_precision, precision = precision, ("fp32" if adapter is not None else precision)
     path = resolve(path_or_repo_id)

@@ -44,6 +44,32 @@ def test_one_list_of_precisions():
 
 
 @pytest.mark.parametrize("command", LOADERS)
+def test_every_loader_defaults_to_what_this_cpu_computes_best(command, monkeypatch):
+    """--precision's default is bf16 only where bf16 matmuls run at speed (nanoseek/hardware.py);
+    'auto' is also a choice, resolved by load()."""
+    from nanoseek import hardware
+    for fast, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hardware, "_cpu_bf16", lambda fast=fast: fast)
+        assert build_parser().parse_args(LOADERS[command]).precision == want
+    assert build_parser().parse_args([*LOADERS[command], "--precision", "auto"]).precision == "auto"
+
+
+def test_load_resolves_auto_and_warns_once_about_slow_bf16(tiny_gguf, monkeypatch, capsys):
+    from nanoseek import hardware
+    from nanoseek.loading import load
+    monkeypatch.setattr(hardware, "_warned", set())
+    monkeypatch.setattr(hardware, "_cpu_bf16", lambda: False)
+    assert load(tiny_gguf, "auto")[0].dtype == torch.float32
+    assert capsys.readouterr().err == ""  # fp32 by choice: nothing to say
+    for _ in range(2):
+        assert load(tiny_gguf, "bf16")[0].dtype == torch.bfloat16  # asked for explicitly: kept
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "precision bf16" in err[0] and "no bf16 matmul units" in err[0] and "fp32" in err[0]
+    monkeypatch.setattr(hardware, "_cpu_bf16", lambda: True)
+    assert load(tiny_gguf, "auto")[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("command", LOADERS)
 def test_every_loader_takes_the_quantized_precisions(command, capsys):
     parser = build_parser()
     for precision in LOAD_PRECISIONS:

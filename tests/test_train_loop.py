@@ -1,5 +1,6 @@
 """The training loop: config files and overrides, schedule, Muon, MoE balancing, exact resume."""
 
+import contextlib
 import json
 import os
 import signal
@@ -226,3 +227,22 @@ def test_grad_accum_equals_one_big_batch(data, tmp_path, mode):
         runs[name] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
     for (l1, g1), (l2, g2) in zip(runs["big"], runs["accum"]):
         assert l2 == pytest.approx(l1, rel=1e-4) and g2 == pytest.approx(g1, rel=1e-4)
+
+
+def test_bf16_autocast_becomes_fp32_where_the_cpu_runs_bf16_slowly(data, tmp_path, monkeypatch, capsys):
+    """run.bf16 only buys speed; on a CPU without bf16 matmul units it would cost ~7x, so the run is
+    fp32, says so once, and the config and log it stores say what ran (with the fp32 peak)."""
+    from nanoseek import hardware
+    from nanoseek.train import trainer
+    monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hardware, "_cpu_bf16", lambda: False)
+    peaks = []
+    monkeypatch.setattr(trainer, "peak_flops", lambda device, bf16=True: peaks.append(bf16) or 1e9)
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(data, out, 1, "run.bf16=true"))
+    t = trainer.Trainer(cfg, resume=False)
+    assert not cfg.run.bf16 and peaks == [False]
+    assert isinstance(t._autocast(), contextlib.nullcontext)
+    assert "bf16 = false" in (out / "config.toml").read_text()
+    err = capsys.readouterr().err
+    assert "run.bf16 -> false" in err and "no bf16 matmul units" in err

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from nanoseek import hardware
 from nanoseek.engine import native
 from nanoseek.engine.paged_attention import PagedAttention
 from nanoseek.model.attention import GQA
@@ -42,9 +43,9 @@ PREPACK_MAX_BYTES = 2 << 30
 
 
 def prepack_supported() -> bool:
-    """oneDNN keeps a bf16 blocked layout only where the CPU has bf16-capable vector units (AVX-512 or
+    """oneDNN keeps a bf16 blocked layout only where it has bf16 kernels for this CPU (AVX-512, AMX or
     AVX-NE-CONVERT); on an AVX2-only CPU _reorder_linear_weight raises."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return hardware.bf16_fast("cpu")
 
 
 def _prepack_wanted(weights) -> bool:

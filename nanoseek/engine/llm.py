@@ -20,7 +20,8 @@ def _engine_kwargs(kw):
 
 
 class LLM:
-    """llm = LLM(path, precision="bf16", max_batch_tokens=4096, kv_cache_gib=1.0)."""
+    """llm = LLM(path, precision="bf16", max_batch_tokens=4096, kv_cache_gib=1.0); precision="auto" takes
+    bf16 where the CPU runs it at speed, else fp32 (nanoseek/hardware.py)."""
 
     def __init__(self, model=None, precision: str = "fp32", tokenizer=None, **engine_kwargs):
         if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):

@@ -17,7 +17,7 @@ import sys
 
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import gsm8k, humaneval, perf, runner
-from nanoseek.loading import LOAD_PRECISIONS
+from nanoseek.loading import add_precision_argument, resolve_precision
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,9 +94,7 @@ def _add_perf_parser(tasks) -> None:
                              "default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--api-key", help="bearer token for the server "
                                           "(default: $OPENAI_API_KEY if set)")
-    parser.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
-                        help="in-process weights: fp32, bf16, or quantized on load: int8, "
-                             "int8-dynamic, fp8 (default: bf16)")
+    add_precision_argument(parser, "in-process weights")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0,
                         help="in-process KV cache pool, GiB, as `nanoseek serve` takes it (default: 1)")
     parser.add_argument("--server-pid", type=int, metavar="PID",
@@ -148,9 +146,7 @@ def _add_model_args(parser) -> None:
                                           "(default: $OPENAI_API_KEY if set)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="requests in flight to the server (default: 8)")
-    parser.add_argument("--precision", default="bf16", choices=LOAD_PRECISIONS,
-                        help="in-process weights: fp32, bf16, or quantized on load: int8, "
-                             "int8-dynamic, fp8 (default: bf16)")
+    add_precision_argument(parser, "in-process weights")
 
 
 def _add_generation_args(parser) -> None:
@@ -243,7 +239,7 @@ def cmd_perf(args) -> int:
             raise NanoseekError(f"in-process perf needs the nanoseek engine ({exc})") from exc
         backend = make_inprocess_streamer(args.model, args.precision, args.kv_cache_gib, **common)
         config = {"endpoint": args.endpoint, "ignore_eos": args.ignore_eos, "temperature": args.temperature,
-                  "precision": args.precision, "kv_cache_gib": args.kv_cache_gib}
+                  "precision": resolve_precision(args.precision), "kv_cache_gib": args.kv_cache_gib}
     out_dir = args.out or _default_out("perf")
     results = perf.run_perf(backend, concurrency=levels, num_requests=args.num_requests,
                             prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, warmup=args.warmup,

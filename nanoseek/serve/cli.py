@@ -35,9 +35,8 @@ def add_serve_arguments(p: argparse.ArgumentParser):
     # both spellings: the issue's --model_path and the --model-path that vLLM users type
     p.add_argument("--model_path", "--model-path", dest="model_path", default=None,
                    help="GGUF file, HF checkpoint directory or HF repo id (default: the embedded SmolLM2-135M-Instruct)")
-    from nanoseek.loading import LOAD_PRECISIONS
-    p.add_argument("--precision", choices=LOAD_PRECISIONS, default="fp32",
-                   help="weights: fp32, bf16, or quantized on load: int8, int8-dynamic, int4, fp8 (default: fp32)")
+    from nanoseek.loading import add_precision_argument
+    add_precision_argument(p)
     p.add_argument("--max_batch_tokens", "--max-batch-tokens", dest="max_batch_tokens", type=_positive_int,
                    default=4096, help="tokens per engine step (default: 4096)")
     p.add_argument("--max_num_seqs", "--max-num-seqs", dest="max_num_seqs", type=_positive_int, default=256,

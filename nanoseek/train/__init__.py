@@ -5,7 +5,7 @@ Modules:
   data      per-process batches over nanoseek.data (packed shards, chat SFT masking)
   optim     AdamW + Muon, warmup/decay schedule
   balance   MoE balancing: aux-loss-free bias update, sequence-wise aux loss
-  metrics   JSONL log, FLOPs/MFU against a measured bf16 peak, PNG curves
+  metrics   JSONL log, FLOPs/MFU against a measured matmul peak, PNG curves
   dist      torchrun: gloo/nccl, DDP and FSDP2 wrapping, full state dicts
   lora      LoRA layers, PEFT-format adapters, merging
   trainer   the loop, checkpoints, export

@@ -1,7 +1,8 @@
 """What a run reports: JSONL log, FLOPs and MFU against a measured peak, PNG curves.
 
-MFU = achieved model FLOP/s / the bf16 matmul peak *measured on this machine* (a big square
-matmul, best of a few runs, cached per machine and thread count), not a datasheet number.
+MFU = achieved model FLOP/s / the matmul peak *measured on this machine* in the dtype the run
+computes in (bf16 under autocast, else fp32; a big square matmul, best of a few runs, cached per
+machine, thread count and dtype), not a datasheet number.
 """
 
 import json
@@ -34,8 +35,19 @@ def _peak_cache() -> Path:
     return Path(os.environ.get("NANOSEEK_HOME", Path.home() / ".cache" / "nanoseek")) / "peak_flops.json"
 
 
-def measure_peak_flops(dtype=torch.bfloat16, n: int = 2048, repeats: int = 10, device="cpu") -> float:
-    """Best FLOP/s of an n x n x n matmul over `repeats` timed runs (after a warmup)."""
+def measure_peak_flops(dtype=torch.bfloat16, n: int = 2048, repeats: int = 10, device="cpu",
+                       budget_s: float = 2.0) -> float:
+    """Best FLOP/s of an n x n x n matmul over `repeats` timed runs (after a warmup). On a CPU, n is
+    halved while one run would take over a tenth of `budget_s`, judged from a 512^3 probe: a CPU
+    without fast bf16 does ~1 GFLOP/s, where 2048^3 would take ~17 s a run."""
+    if device == "cpu":
+        p = torch.randn(512, 512, dtype=dtype)
+        p @ p
+        t0 = time.perf_counter()
+        p @ p
+        rate = 2 * 512 ** 3 / max(time.perf_counter() - t0, 1e-9)
+        while n > 256 and 2 * n ** 3 / rate > budget_s / 10:
+            n //= 2
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
@@ -51,12 +63,14 @@ def measure_peak_flops(dtype=torch.bfloat16, n: int = 2048, repeats: int = 10, d
     return 2 * n ** 3 / best
 
 
-def peak_flops(device="cpu", refresh: bool = False) -> float:
-    """The cached bf16 peak for this machine and thread count; measured on first use.
+def peak_flops(device="cpu", refresh: bool = False, bf16: bool = True) -> float:
+    """The cached bf16 (or fp32) peak for this machine and thread count; measured on first use.
 
     On a shared machine a measurement can come out low (another process had the core);
     refresh=True measures again and keeps the higher of the two."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     key = f"{platform.node()}|{platform.processor() or platform.machine()}|{device}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key += "" if bf16 else "|fp32"  # bf16 keys as before, so existing caches stay valid
     path = _peak_cache()
     cache = {}
     if path.is_file():
@@ -65,7 +79,7 @@ def peak_flops(device="cpu", refresh: bool = False) -> float:
         except json.JSONDecodeError:
             cache = {}
     if key not in cache or refresh:
-        cache[key] = max(cache.get(key, 0.0), measure_peak_flops(device=device))
+        cache[key] = max(cache.get(key, 0.0), measure_peak_flops(dtype, device=device))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=2))
@@ -127,7 +141,7 @@ def plot_curves(log_path, png_path, title: str = ""):
     axes[1, 0].plot(steps, [r["tokens_per_s"] for r in train])
     axes[1, 0].set_title("tokens/s"), axes[1, 0].set_xlabel("step")
     axes[1, 1].plot(steps, [100 * r["mfu"] for r in train])
-    axes[1, 1].set_title("MFU % (vs measured bf16 peak)"), axes[1, 1].set_xlabel("step")
+    axes[1, 1].set_title("MFU % (vs measured peak)"), axes[1, 1].set_xlabel("step")
     ax = axes[1, 2]
     if train[0].get("expert_load"):
         n_layers = len(train[0]["expert_load"])

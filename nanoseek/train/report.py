@@ -58,8 +58,8 @@ def write_report(out: Path, s: dict):
         "",
         "Eval loss: pretraining on held-out generated problems (not the GSM8K text, which is harder; "
         "hence below the train loss), SFT on held-out chats (assistant tokens only). "
-        "MFU: model FLOPs (6 x active matmul params + attention) per second over the bf16 matmul "
-        "peak measured on this machine (cached in ~/.cache/nanoseek/peak_flops.json).",
+        "MFU: model FLOPs (6 x active matmul params + attention) per second over the matmul "
+        "peak measured on this machine in the run's compute dtype (cached in ~/.cache/nanoseek/peak_flops.json).",
         "",
         "## Data",
         "",

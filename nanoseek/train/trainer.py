@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from nanoseek.train import dist as D
 from nanoseek.train.balance import LoadTracker, keep_scores, sequence_aux_loss, update_bias
 from nanoseek.train.config import TrainConfig, dump_toml
 from nanoseek.train.data import IGNORE_INDEX, PretrainStream, SFTStream, eval_batches, read_conversations
+from nanoseek.hardware import SLOW_BF16, bf16_fast
 from nanoseek.train.metrics import JSONLLog, flops_per_token, peak_flops, plot_curves
 from nanoseek.train.optim import build_optimizers, lr_multiplier, set_lr
 
@@ -58,6 +60,13 @@ class Trainer:
         self.device = self.info.device
         if torch.device(self.device).type == "cpu":
             keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages
+        if cfg.run.bf16 and not bf16_fast(self.device):
+            # bf16 autocast only buys speed (master weights are fp32 either way); where the device has
+            # no bf16 matmul units it costs 7x instead, so the run (and the config it stores) is fp32
+            cfg.run.bf16 = False
+            if self.info.is_main:
+                print(f"nanoseek train: run.bf16 -> false: {SLOW_BF16.format(cap=torch.backends.cpu.get_cpu_capability())}",
+                      file=sys.stderr)
         self._check_data_exists()  # fail on a bad path before minutes of model set-up
         self._seed_everything(cfg.run.seed)
         self.tokenizer, self.tokenizer_dir = None, None
@@ -83,7 +92,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model.config, cfg.data.seq_len)
         if cfg.lora.enabled:  # frozen weights need no weight gradients: ~2/3 of the backward
             self.flops_per_token *= 2 / 3
-        self.peak = peak_flops(self.device.type) * self.info.world_size
+        self.peak = peak_flops(self.device.type, bf16=cfg.run.bf16) * self.info.world_size
         self.log = JSONLLog(self.out / "log.jsonl", resume_step=self.step if resumed else None, enabled=self.info.is_main)
         if not resumed:
             self.log.write({"step": 0, "event": "config", "config": cfg.to_dict(),
