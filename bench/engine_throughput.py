@@ -111,6 +111,10 @@ def main():
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and llama.cpp threads)")
+    ap.add_argument("--hf-precisions", default="fp32,bf16",
+                    help="transformers peers' dtypes (default: fp32,bf16; on a CPU without bf16 matmul units "
+                         "its bf16 rows take minutes a round and are not its best)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (engine_throughput<tag>.json)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the batch-1 decode rounds (each round's figures kept): engine_decode_<threads>t.json")
     args = ap.parse_args()
@@ -144,7 +148,7 @@ def main():
         for (name, v), r in zip(d.items(), res["decode_b1_runs"].values()):
             ratio = f"{v / d['llama.cpp']:.2f}x llama.cpp" if "llama.cpp" in d else "-"
             lines.append(f"| {name} | {v} | {' / '.join(map(str, r))} | {ratio} |")
-        write_results(Path(args.out), f"engine_decode_{args.threads}t", res, "\n".join(lines))
+        write_results(Path(args.out), f"engine_decode_{args.threads}t{args.tag}", res, "\n".join(lines))
         return
 
     # 2. 32 concurrent requests, 128 in / 128 out
@@ -153,7 +157,7 @@ def main():
     prompts = random_prompts(32, 128, 1)
     dense_dir = Path(tempfile.mkdtemp(prefix="nanoseek-hf-"))
     nanoseek.load(str(path), "fp32")[0].save(dense_dir)  # the GGUF's weights, dequantised, as HF safetensors
-    hf = {f"{prec}{tag}": transformers_model(path, prec, d) for prec in ("fp32", "bf16")
+    hf = {f"{prec}{tag}": transformers_model(path, prec, d) for prec in args.hf_precisions.split(",")
           for tag, d in (("", None), (" dense weights", dense_dir))}
     runs = {}
     for _ in range(args.repeats):
@@ -194,8 +198,8 @@ def main():
     lines.append(f"| TTFT, 1,000-token shared prefix ({precisions[0]}) | cache on {ttft['on']} ms | cache off "
                  f"{ttft['off']} ms | {ttft['speedup']}x |")
     out = Path(args.out)
-    write_results(out, "engine_throughput", res, "\n".join(lines))
-    bar_png(out / "engine_throughput.png", "SmolLM2-135M: output tokens/s", ["batch-1 decode", "32 x 128/128"],
+    write_results(out, f"engine_throughput{args.tag}", res, "\n".join(lines))
+    bar_png(out / f"engine_throughput{args.tag}.png", "SmolLM2-135M: output tokens/s", ["batch-1 decode", "32 x 128/128"],
             {k: [d.get(k, 0), b.get(k, 0)] for k in dict.fromkeys([*d, *b])}, "tokens/s")
 
 

@@ -11,9 +11,12 @@ want=${1:-all}
 pins=$(mktemp)
 $PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$pins"
 if [[ $want == all || $want == llamacpp ]] && ! $PY -c "import llama_cpp.server" 2>/dev/null; then
-  # a native build (-march=native) dies here with an illegal instruction: name the ISA instead.
+  # a native build (-march=native) dies here with an illegal instruction: name the ISA instead,
+  # each extension only where /proc/cpuinfo lists it (some machines here are AVX2-only).
   # ~10-15 minutes on 2 cores.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+  flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+  has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c)" \
     $PY -m pip install -q -c "$pins" "llama-cpp-python[server]==0.3.36"
 fi
 if [[ $want == all || $want == lmeval ]] && ! $PY -c "import lm_eval" 2>/dev/null; then
