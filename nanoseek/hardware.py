@@ -3,8 +3,8 @@
 A CPU computes bf16 matmuls fast only where oneDNN has bf16 kernels for it: AVX-512 (with or
 without its BF16 extension), AMX, or AVX-NE-CONVERT. That is the same test ATen makes before it
 hands a bf16 matmul to oneDNN; elsewhere (an AVX2-only CPU: many laptops, some cloud VMs) the
-matmul falls back to a scalar loop, measured here (AVX2 AMD EPYC, 1 thread) at ~1 GFLOP/s for a
-square bf16 matmul and ~10 for an nn.Linear shape, against ~36-72 for fp32. On such a CPU bf16
+matmul falls back to a scalar loop, measured here (AVX2 AMD EPYC) at ~1 GFLOP/s for a square bf16
+matmul and ~10 for an nn.Linear shape, against ~72-180 for fp32 on 2 threads. On such a CPU bf16
 costs 7-50x in speed for nothing, so what nanoseek picks by default ("auto" precision, training's
 bf16 autocast) is fp32 there, and an explicit bf16 says why it is slow.
 """
