@@ -35,16 +35,17 @@ def auto_precision(device="cpu") -> str:
     return "bf16" if bf16_fast(device) else "fp32"
 
 
-SLOW_BF16 = ("this CPU has no bf16 matmul units (oneDNN needs AVX-512, AMX or AVX-NE-CONVERT; "
+_SLOW_BF16 = ("this CPU has no bf16 matmul units (oneDNN needs AVX-512, AMX or AVX-NE-CONVERT; "
              "torch's {cap} fallback runs bf16 matmuls ~7x slower than fp32)")
 
 _warned: set = set()
 
 
-def warn_slow_bf16(what: str, advice: str):
-    """One line on stderr, once per `what`, when bf16 was asked for on a CPU that runs it slowly."""
-    if bf16_fast("cpu") or what in _warned:
+def warn_slow_bf16(what: str, advice: str, device="cpu"):
+    """One line on stderr, once per `what`, when bf16 was asked for on a device that runs it slowly."""
+    if bf16_fast(device) or what in _warned:
         return
     _warned.add(what)
-    cap = torch.backends.cpu.get_cpu_capability()
-    print(f"nanoseek: warning: {what}: {SLOW_BF16.format(cap=cap)}; {advice}", file=sys.stderr)
+    why = (_SLOW_BF16.format(cap=torch.backends.cpu.get_cpu_capability()) if torch.device(device).type == "cpu"
+           else "this GPU has no bf16 support")
+    print(f"nanoseek: warning: {what}: {why}; {advice}", file=sys.stderr)

@@ -12,7 +12,8 @@ import torch
 
 from nanoseek.checkpoint.hf import load_hf
 from nanoseek.engine import Engine, native
-from nanoseek.engine.flat_decode import FlatDecoder, prepack_supported
+from nanoseek import hardware
+from nanoseek.engine.flat_decode import FlatDecoder
 from nanoseek.quant import quantize_model
 from nanoseek.sampling import SamplingParams
 from tests.tiny_models import make_llama, make_qwen2
@@ -171,19 +172,18 @@ def _generate(model, prompts, n, engine=None):
 def test_no_prepacked_weights_where_the_cpu_cannot_hold_them(mod, sources, monkeypatch):
     """On an AVX2-only CPU oneDNN has no bf16 blocked layout (its reorder raises): a bf16 engine then
     runs on the plain weights, even with NANOSEEK_PREPACK=1."""
-    from nanoseek.engine import flat_decode
     model = load_hf(sources["llama"], "bf16")
     prompts, n = [[3, 5, 7, 11], [2] * 9], 6
     monkeypatch.setenv("NANOSEEK_PREPACK", "0")
     want = _generate(model, prompts, n)[1]
     monkeypatch.setenv("NANOSEEK_PREPACK", "1")
-    monkeypatch.setattr(flat_decode, "prepack_supported", lambda: False)
+    monkeypatch.setattr(hardware, "_cpu_bf16", lambda: False)
     engine, got = _generate(model, prompts, n)
     assert not engine.flat.prepacked and engine.flat.head is None and engine.flat.natives[torch.bfloat16] is not None
     assert got == want
 
 
-@pytest.mark.skipif(not prepack_supported(), reason="this CPU has no oneDNN bf16 blocked layout")
+@pytest.mark.skipif(not hardware.bf16_fast("cpu"), reason="this CPU has no oneDNN bf16 blocked layout")
 def test_prepacked_weights_give_the_same_logits_and_follow_in_place_updates(mod, sources, monkeypatch):
     """bf16 weights (and the head) in oneDNN's layout are the same matmul as F.linear's; an in-place
     update of a weight (an optimizer step between RL rollouts) is seen by the next step."""

@@ -236,6 +236,7 @@ def test_bf16_autocast_becomes_fp32_where_the_cpu_runs_bf16_slowly(data, tmp_pat
     from nanoseek.train import trainer
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(hardware, "_cpu_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "_warned", set())  # once per process: an earlier run may have said it
     peaks = []
     monkeypatch.setattr(trainer, "peak_flops", lambda device, bf16=True: peaks.append(bf16) or 1e9)
     out = tmp_path / "run"

@@ -42,14 +42,10 @@ NATIVE_HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes csrc/decode.cpp's atte
 PREPACK_MAX_BYTES = 2 << 30
 
 
-def prepack_supported() -> bool:
-    """oneDNN keeps a bf16 blocked layout only where it has bf16 kernels for this CPU (AVX-512, AMX or
-    AVX-NE-CONVERT); on an AVX2-only CPU _reorder_linear_weight raises."""
-    return hardware.bf16_fast("cpu")
-
-
 def _prepack_wanted(weights) -> bool:
-    if not prepack_supported():
+    # oneDNN keeps a bf16 blocked layout only where it has bf16 kernels for this CPU (AVX-512, AMX or
+    # AVX-NE-CONVERT); on an AVX2-only CPU _reorder_linear_weight raises
+    if not hardware.bf16_fast("cpu"):
         return False
     flag = os.environ.get("NANOSEEK_PREPACK")
     if flag is not None:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from nanoseek.train import dist as D
 from nanoseek.train.balance import LoadTracker, keep_scores, sequence_aux_loss, update_bias
 from nanoseek.train.config import TrainConfig, dump_toml
 from nanoseek.train.data import IGNORE_INDEX, PretrainStream, SFTStream, eval_batches, read_conversations
-from nanoseek.hardware import SLOW_BF16, bf16_fast
+from nanoseek.hardware import bf16_fast, warn_slow_bf16
 from nanoseek.train.metrics import JSONLLog, flops_per_token, peak_flops, plot_curves
 from nanoseek.train.optim import build_optimizers, lr_multiplier, set_lr
 
@@ -65,8 +64,7 @@ class Trainer:
             # no bf16 matmul units it costs 7x instead, so the run (and the config it stores) is fp32
             cfg.run.bf16 = False
             if self.info.is_main:
-                print(f"nanoseek train: run.bf16 -> false: {SLOW_BF16.format(cap=torch.backends.cpu.get_cpu_capability())}",
-                      file=sys.stderr)
+                warn_slow_bf16("run.bf16 -> false", "training in fp32", self.device)
         self._check_data_exists()  # fail on a bad path before minutes of model set-up
         self._seed_everything(cfg.run.seed)
         self.tokenizer, self.tokenizer_dir = None, None
