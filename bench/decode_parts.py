@@ -95,7 +95,7 @@ def flat_vs_modules(precision, rounds=3, tokens=64):
 
     def step_ms(way):
         engine_mod.FlatDecoder.of = real_of if way != "modules" else (lambda m: None)
-        FlatDecoder._native = real_native if way == "native" else (lambda self, x, cache: None)
+        FlatDecoder._native = real_native if way == "native" else (lambda self, *step: None)
         engine.flat = None
         engine.add_request(prompt, nanoseek.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
         times, out = [], None

@@ -81,7 +81,9 @@ def sources(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_every_decode_step_agrees_with_the_python_loop(mod, sources, monkeypatch, arch, precision):
+def test_every_step_agrees_with_the_python_loop(mod, sources, monkeypatch, arch, precision):
+    """Decode steps, whole prompts, a prompt's later chunk and steps that mix them all run compiled;
+    each against the Python loop (the modules' ops: SDPA for prompts) from the same cache state."""
     model = load_hf(sources[arch], "fp32" if precision in ("int8", "int4") else precision)
     if precision in ("int8", "int4"):  # bf16 activations: the int8 and int4 CPU kernels' dtype
         model = quantize_model(model, precision, dtype=torch.bfloat16, quantize_embeddings=True)
@@ -93,24 +95,28 @@ def test_every_decode_step_agrees_with_the_python_loop(mod, sources, monkeypatch
         same cache state in Python; carry on with Python's."""
         saved = [t.clone() for t in cache.cache.k + cache.cache.v]
         got = python_step(self, ids, pos, cache)
-        if not (cache.all_decode and self.natives.get(got.dtype)):
+        if not self.ran_native:
             return got
         for t, s in zip(cache.cache.k + cache.cache.v, saved):
             t.copy_(s)
         with monkeypatch.context() as m:
-            m.setattr(FlatDecoder, "_native", lambda self, x, cache: None)
+            m.setattr(FlatDecoder, "_native", lambda self, *step: None)
             want = python_step(self, ids, pos, cache)
-        checked.append(ids.shape[1])
+        checked.append((ids.shape[1], cache.all_decode, [new for _, _, new in cache.seqs]))
         errors.append(((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
         return want
 
     monkeypatch.setattr(FlatDecoder, "hidden_states", both)
-    engine = Engine(model, None, num_blocks=64, block_size=4)
+    # 16 tokens a step: the first step is a whole prompt and the first chunk of the next, the
+    # second that prompt's later chunk, a third prompt and a decode
+    engine = Engine(model, None, num_blocks=64, block_size=4, max_batch_tokens=16)
     for p, n in (([3, 5, 7, 11, 13], 6), ([2] * 17, 9), (list(range(20, 29)), 12)):  # 3 rows, then 2, then 1
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    assert checked and max(checked) == 3 and min(checked) == 1  # decode steps of 3 rows ran natively, down to 1
+    assert checked[0] == (16, False, [5, 11]) and checked[1] == (16, False, [1, 6, 9])
+    decodes = [rows for rows, all_decode, _ in checked if all_decode]
+    assert max(decodes) == 3 and min(decodes) == 1  # decode steps of 3 rows ran natively, down to 1
     # fp32: only the order of float sums differs; bf16 activations: a few roundings land one ulp off
     assert max(errors) < (1e-5 if precision == "fp32" else 2e-2), errors
 

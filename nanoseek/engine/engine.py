@@ -263,13 +263,13 @@ class Engine:
 
     def _forward(self, ids, pos, attn):
         """The model's forward for this step, as (hidden states, the function from them to logits):
-        decode-only steps through the flat loop when it can run this model (checked every step:
-        modules may have been swapped since), else the modules."""
-        if attn.all_decode:
-            if self.flat is None or not self.flat.current():
-                self.flat = FlatDecoder.of(self.model)
-            if self.flat is not None:
-                return self.flat.hidden_states(ids, pos, attn), self.flat.logits
+        through the flat loop when it can run this model (checked every step: modules may have been
+        swapped since) and the step is all decodes or its compiled form takes the step, else the
+        modules."""
+        if self.flat is None or not self.flat.current():
+            self.flat = FlatDecoder.of(self.model)
+        if self.flat is not None and (attn.all_decode or self.flat.compiled(self.cache.k[0].dtype, ids.shape[1], attn)):
+            return self.flat.hidden_states(ids, pos, attn), self.flat.logits
         return self.model.hidden_states(ids, pos, attn), self.model.logits
 
     @staticmethod

@@ -160,12 +160,13 @@ class FlatDecoder:
         x = model.embed_tokens(input_ids)
         cos, sin = model.rope(positions, x.dtype)
         B, T, dim = x.shape
-        nat = self._native(x, cache)
+        nat = self._native(x.dtype, T, cache)
         self.ran_native = nat is not None
         if nat is not None:
             store = cache.cache
-            return nat.step(x[0], cos[0], sin[0], store.k, store.v, cache.slots, cache.decode_tables,
-                            cache.decode_lens, model.norm.weight, model.norm.eps)[None]
+            tables, lens = cache.row_tables()
+            return nat.step(x[0], cos[0], sin[0], store.k, store.v, cache.slots, tables, lens,
+                            model.norm.weight, model.norm.eps)[None]
         for blk, attn, mlp, _, _, _, _, (qkv_mm, o_mm, gu_mm, down_mm), _ in self.layers:
             H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
             h = _rms_norm(x, blk.input_layernorm)
@@ -178,19 +179,26 @@ class FlatDecoder:
             x = x + down_mm(F.silu(gate) * up).view(B, T, dim)
         return _rms_norm(x, model.norm)
 
-    def _native(self, x, cache):
-        """The compiled loop (csrc/decode.cpp) for this step, or None: it runs all-decode steps over
-        the paged cache, in fp32 or bf16, with rows the int4 kernel takes, and leaves a prefix all
-        sequences share to the cascade attention (paged_attention.py), which reads it once for all."""
-        if not (isinstance(cache, PagedAttention) and cache.all_decode and not cache.shared and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == x.dtype
-                and not (self.has_int4 and x.shape[1] > int4.KERNEL_MAX_M)):
+    def compiled(self, dtype, rows, cache) -> bool:
+        """Will the compiled loop run this step (the engine hands it steps with prompts only then:
+        otherwise the modules run those, whose FFN goes in slices)?"""
+        return self._native(dtype, rows, cache) is not None
+
+    def _native(self, dtype, rows, cache):
+        """The compiled loop (csrc/decode.cpp) for a step of `rows` tokens, or None: it runs any step
+        over the paged cache (decodes, whole prompts, later chunks of a prompt, a mix: every row
+        attends to its sequence's cached keys up to its own position), in fp32 or bf16, with rows
+        the int4 kernel takes, and leaves a prefix all decoding sequences share to the cascade
+        attention (paged_attention.py), which reads it once for all."""
+        if not (isinstance(cache, PagedAttention) and not cache.shared and cache.cache.k[0].device.type == "cpu"
+                and dtype in (torch.float32, torch.bfloat16) and cache.cache.k[0].dtype == dtype
+                and not (self.has_int4 and rows > int4.KERNEL_MAX_M)):
             return None
         if self.prepacked and tuple(map(_VERSION, self.prepacked)) != self.prepacked_versions:
             self.natives.clear()  # a packed copy is stale: copy again
-        if x.dtype not in self.natives:
-            self.natives[x.dtype] = self._build_native(x.dtype)
-        return self.natives[x.dtype]
+        if dtype not in self.natives:
+            self.natives[dtype] = self._build_native(dtype)
+        return self.natives[dtype]
 
     def logits(self, h):
         """model.logits(h), by the prepacked copy of the head where the last native build made one

@@ -61,6 +61,7 @@ class PagedAttention:
         slots, self.decode_rows, decode_tables, decode_lens, self.prefills = [], [], [], [], []
         row = 0
         self.max_len = max((cached + new for _, cached, new in seqs), default=0)
+        self.shared = 0  # blocks every decoding sequence shares (set below where there are enough of them)
         for table, cached, new in seqs:
             for p in range(cached, cached + new):
                 slots.append(table[p // bs] * bs + p % bs)
@@ -91,6 +92,23 @@ class PagedAttention:
             # index_select is much cheaper than [tables]
             self.decode_flat = self.decode_tables[:, self.shared:].flatten()
         self.all_decode = not self.prefills  # then decode rows are exactly 0..N-1: no gather/scatter of q/out
+        self.seqs = seqs
+
+    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tables [N, W], lens [N]): for every row of the step, its sequence's block table and the
+        number of keys it sees (its position + 1; the step's own earlier rows of a prompt included,
+        since their keys are written before anyone attends). What the compiled loop attends by:
+        for an all-decode step these are the decode tables and lengths."""
+        if self.all_decode:
+            return self.decode_tables, self.decode_lens
+        width = max(len(t) for t, _, _ in self.seqs)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in self.seqs])
+        counts = torch.tensor([new for _, _, new in self.seqs])
+        starts = torch.tensor([cached for _, cached, _ in self.seqs])
+        seq_of_row = torch.repeat_interleave(torch.arange(len(self.seqs)), counts)
+        first_row = torch.cumsum(counts, 0) - counts  # each sequence's first row in the step
+        lens = starts[seq_of_row] + torch.arange(len(seq_of_row)) - first_row[seq_of_row] + 1
+        return tables.index_select(0, seq_of_row), lens
 
     def attend(self, layer, q, k, v, scale, v_dim, index=None):
         q, k = q[0], k[0]

@@ -66,6 +66,8 @@ struct Proj {
   }
 };
 
+constexpr int64_t kFfnRows = 2048;  // model/transformer.py FFN_ROWS
+
 struct Layer {
   Tensor ln1, ln2;  // RMSNorm weights
   double eps1, eps2;
@@ -746,9 +748,11 @@ class Decoder {
     layers_.push_back(std::move(l));
   }
 
-  // x [rows, dim] embedded tokens, one decoding sequence a row; cos/sin [rows, D/2];
-  // k_cache/v_cache: each layer's [num_blocks, block_size, Hkv, D]; slots [rows]: where each
-  // row's key and value go; tables [rows, W], lens [rows] (with the new token).
+  // x [rows, dim] embedded tokens: a decoding sequence's one token, or a prompt's (chunk's) tokens
+  // in order; cos/sin [rows, D/2]; k_cache/v_cache: each layer's [num_blocks, block_size, Hkv, D];
+  // slots [rows]: where each row's key and value go; tables [rows, W]: the row's sequence's
+  // blocks; lens [rows]: the keys the row sees (its position + 1). Every row's key and value are
+  // written before any row attends, so a prompt's rows see each other causally.
   // Returns final_norm(hidden) [rows, dim].
   Tensor step(Tensor x, Tensor cos, Tensor sin, const std::vector<Tensor>& k_cache,
               const std::vector<Tensor>& v_cache, Tensor slots, Tensor tables, Tensor lens, Tensor norm,
@@ -800,25 +804,30 @@ class Decoder {
       Tensor o = l.o(attn).contiguous();
       const T* op = o.data_ptr<T>();
       add_rows<T>(xp, op, rows, dim);
-      rms_norm_rows<T>(xp, l.ln2.data_ptr<T>(), h.data_ptr<T>(), rows, dim, l.eps2);
-      Tensor gu = l.gate_up(h).contiguous();
-      const int64_t F = gu.size(1) / 2;
-      Tensor act = at::empty({rows, F}, x.options());
-      const T* gp = gu.data_ptr<T>();
-      T* ap = act.data_ptr<T>();
-      over_rows(rows, 2 * F, [&](int64_t r) {  // F.silu(gate) * up, each rounded as the modules round it
-        const T* gr = gp + r * 2 * F;
-        T* ar = ap + r * F;
-        int64_t i = 0;
-        for (; i + 8 <= F; i += 8) {
-          const f8 g = load8(gr + i);
-          store8(ar + i, round8<T>(g / (1.0f + exp8(-g))) * load8(gr + F + i));
-        }
-        for (; i < F; i++) ar[i] = from_f<T>(rnd<T>(to_f(gr[i]) / (1.0f + std::exp(-to_f(gr[i])))) * to_f(gr[F + i]));
-      });
-      Tensor d = l.down(act).contiguous();
-      const T* dp = d.data_ptr<T>();
-      add_rows<T>(xp, dp, rows, dim);
+      // the FFN half in slices of rows (a prompt's step has thousands): cache-sized temporaries,
+      // as model/transformer.py slices it
+      for (int64_t a = 0; a < rows; a += kFfnRows) {
+        const int64_t n = std::min(kFfnRows, rows - a);
+        Tensor ha = h.narrow(0, a, n);
+        rms_norm_rows<T>(xp + a * dim, l.ln2.data_ptr<T>(), ha.data_ptr<T>(), n, dim, l.eps2);
+        Tensor gu = l.gate_up(ha).contiguous();
+        const int64_t F = gu.size(1) / 2;
+        Tensor act = at::empty({n, F}, x.options());
+        const T* gp = gu.data_ptr<T>();
+        T* ap = act.data_ptr<T>();
+        over_rows(n, 2 * F, [&](int64_t r) {  // F.silu(gate) * up, each rounded as the modules round it
+          const T* gr = gp + r * 2 * F;
+          T* ar = ap + r * F;
+          int64_t i = 0;
+          for (; i + 8 <= F; i += 8) {
+            const f8 g = load8(gr + i);
+            store8(ar + i, round8<T>(g / (1.0f + exp8(-g))) * load8(gr + F + i));
+          }
+          for (; i < F; i++) ar[i] = from_f<T>(rnd<T>(to_f(gr[i]) / (1.0f + std::exp(-to_f(gr[i])))) * to_f(gr[F + i]));
+        });
+        Tensor d = l.down(act).contiguous();
+        add_rows<T>(xp + a * dim, d.data_ptr<T>(), n, dim);
+      }
     }
     Tensor y = at::empty_like(x);  // the final norm
     rms_norm_rows<T>(xp, norm.data_ptr<T>(), y.data_ptr<T>(), rows, dim, norm_eps);
