@@ -121,6 +121,31 @@ def test_every_step_agrees_with_the_python_loop(mod, sources, monkeypatch, arch,
     assert max(errors) < (1e-5 if precision == "fp32" else 2e-2), errors
 
 
+def test_long_prompts_go_to_the_modules(mod, sources, monkeypatch):
+    """Prompt rows that see more than NATIVE_PROMPT_KEYS keys leave the step to the modules (SDPA's
+    flash kernel beats a row-by-row read of the keys there); decodes stay compiled."""
+    from nanoseek.engine import flat_decode
+    monkeypatch.setattr(flat_decode, "NATIVE_PROMPT_KEYS", 8)
+    model = load_hf(sources["llama"])
+    engine = Engine(model, None, num_blocks=64, block_size=4, max_batch_tokens=6)
+    ran = []
+    real = FlatDecoder.hidden_states
+
+    def record(self, ids, pos, cache):
+        out = real(self, ids, pos, cache)
+        ran.append((ids.shape[1], self.ran_native))
+        return out
+
+    monkeypatch.setattr(FlatDecoder, "hidden_states", record)
+    engine.add_request(list(range(3, 13)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        out = engine.step()
+    assert len(out[0].outputs[0].token_ids) == 3
+    # chunks of 6 then 4 tokens: the first (keys 1..6) compiled, the second (keys up to 10) by the
+    # modules (the flat loop not entered), then two compiled decodes
+    assert ran == [(6, True), (1, True), (1, True)]
+
+
 def test_native_steps_aside_when_disabled(monkeypatch, sources):
     monkeypatch.setenv("NANOSEEK_NATIVE", "0")
     monkeypatch.setattr(native, "_state", {})
