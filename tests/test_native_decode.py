@@ -146,6 +146,27 @@ def test_long_prompts_go_to_the_modules(mod, sources, monkeypatch):
     assert ran == [(6, True), (1, True), (1, True)]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_rows_is_torch_max(mod, threads):
+    """The greedy pick: the first maximum of each row (ties, rows of any length, infinities), a NaN
+    counting as the maximum, as torch.max(-1) has it."""
+    torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for N in (1, 7, 8, 15, 16, 17, 100, 49152):
+            x = torch.randn(33, N)
+            x[1] = 0.5  # all equal: the first
+            x[2, N // 2:] = 9.0  # a tie later in the row: its first
+            x[3, -1] = float("inf")
+            x[4] = float("-inf")
+            x[5, N // 3] = float("nan")
+            x[6, :] = x[6].round()  # many ties across lanes
+            assert torch.equal(mod.argmax_rows(x), x.max(-1).indices), N
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_native_steps_aside_when_disabled(monkeypatch, sources):
     monkeypatch.setenv("NANOSEEK_NATIVE", "0")
     monkeypatch.setattr(native, "_state", {})

@@ -37,6 +37,14 @@ from nanoseek.model.packing import pack_projections
 from nanoseek.sampling import SamplingParams, apply_penalties, sample_row, top_logprobs
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum: the compiled loop's argmax_rows on a CPU (~0.1 ms for 32 rows of
+    49,152, where torch's max(-1) takes ~0.9), else max(-1).indices (argmax's first-maximum rule,
+    at a third of argmax's time on a CPU)."""
+    mod = native.module() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    return mod.argmax_rows(logits) if mod is not None else logits.max(-1).indices
+
+
 class Sequence:
     """One sample of one request: prompt + output tokens and its place in the KV cache."""
 
@@ -243,9 +251,8 @@ class Engine:
         # plain greedy rows (no penalty, nothing banned): one argmax for all of them, not one a row
         plain = [row for row, seq in enumerate(to_sample) if self._plain_greedy(seq)]
         picks = {}
-        if plain:  # max(-1).indices: argmax's first-maximum rule, at a third of argmax's time on a CPU
-            best = (logits if len(plain) == len(to_sample) else logits[plain]).max(-1).indices
-            picks = dict(zip(plain, best.tolist()))
+        if plain:
+            picks = dict(zip(plain, _argmax(logits if len(plain) == len(to_sample) else logits[plain]).tolist()))
         for row, seq in enumerate(to_sample):
             self._append_token(seq, logits[row], now, picks.get(row))
             touched[seq.request_id] = self.requests[seq.request_id]
