@@ -349,6 +349,43 @@ BF16_DOT_TARGET void values_bf16(const float* p, const float* sum, const c10::BF
         for (int i = 0; i < 4; i++) og[32 * (w / 2) + 8 * k + 4 * (w % 2) + i] = c10::BFloat16(o[16 * w + 4 * k + i] * inv);
   }
 }
+
+// e^x sixteen at a time: exp8's Cephes polynomial, with AVX-512's scalef for the 2^n
+BF16_DOT_TARGET inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_add_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+  __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+BF16_DOT_TARGET inline __m512 widen16(const c10::BFloat16* p) {  // exact: bf16 is a float's high half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// a row of F.silu(gate) * up for bf16 (gate [F], up [F] -> out [F]), sixteen at a time: the silu
+// rounded to bf16, the product rounded again, as the modules round them. A prompt's step has
+// thousands of rows (4,096 x 1,536 x 30 layers: 150 -> ~40 ms against the eight-wide loop).
+BF16_DOT_TARGET void silu_mul_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t F) {
+  int64_t i = 0;
+  for (; i + 16 <= F; i += 16) {
+    const __m512 g = widen16(gate + i);
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    const __m512 sr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s)), 16));
+    _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, widen16(up + i))));
+  }
+  for (; i < F; i++) {
+    const float g = static_cast<float>(gate[i]);
+    out[i] = c10::BFloat16(static_cast<float>(c10::BFloat16(g / (1.0f + std::exp(-g)))) * static_cast<float>(up[i]));
+  }
+}
 #else
 bool cpu_has_bf16_dot() { return false; }
 #endif
@@ -810,6 +847,7 @@ class Decoder {
       add_rows<T>(xp, op, rows, dim);
       // the FFN half in slices of rows (a prompt's step has thousands): cache-sized temporaries,
       // as model/transformer.py slices it
+      const bool bf16_dot = cpu_has_bf16_dot();
       for (int64_t a = 0; a < rows; a += kFfnRows) {
         const int64_t n = std::min(kFfnRows, rows - a);
         Tensor ha = h.narrow(0, a, n);
@@ -822,6 +860,14 @@ class Decoder {
         over_rows(n, 2 * F, [&](int64_t r) {  // F.silu(gate) * up, each rounded as the modules round it
           const T* gr = gp + r * 2 * F;
           T* ar = ap + r * F;
+#ifdef NANOSEEK_BF16_DOT
+          if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            if (bf16_dot) {
+              silu_mul_bf16(gr, gr + F, ar, F);
+              return;
+            }
+          }
+#endif
           int64_t i = 0;
           for (; i + 8 <= F; i += 8) {
             const f8 g = load8(gr + i);
