@@ -42,9 +42,10 @@ NATIVE_HEAD_DIMS = (8, 16, 32, 64, 128)  # the head sizes csrc/decode.cpp's atte
 PREPACK_MAX_BYTES = 2 << 30
 # prompt rows go to the compiled loop while the longest sees at most this many keys: its attention
 # reads a row's keys once per row (O(T^2) at a larger constant than SDPA's flash kernel, which the
-# modules run for prompts). Measured here (SmolLM2, bf16, 2 threads): 16 prompts of 256 tokens
-# 2.9 s compiled against 3.5 s; one of 1,000 tokens 1.27 s against 1.08; of 4,000, 14.4 against 7.0.
-NATIVE_PROMPT_KEYS = 256
+# modules run for prompts). Measured here (SmolLM2, bf16, 2 threads, one step, compiled against
+# modules): 32 prompts of 128 tokens 2.5-2.7 s against 3.1-3.4; 8 of 512 2.9 against 3.9; 5 of 768
+# 3.2 against 3.4; one of 512 0.51 against 0.50, of 1,000 1.09 against 1.02, of 2,000 3.2 against 2.7.
+NATIVE_PROMPT_KEYS = 512
 
 
 def _prepack_wanted(weights) -> bool:

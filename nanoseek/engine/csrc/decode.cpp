@@ -262,93 +262,6 @@ BF16_DOT_TARGET inline __m256 sums8(const __m256* h) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// p[g * L + t] = scale * q_g . k_t for the G query heads q [G, D] of one KV head, its keys
-// k_t = kc + at[t] (kc already offset to the head); mx[g] their maxima. D = 32 * NV.
-// prefetch_bytes > 0: also ask for that much of each row of kc and vc one block ahead.
-template <int NV>
-BF16_DOT_TARGET void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
-                                 const int64_t* at, int64_t L, int64_t G, float scale, float* p, float* mx,
-                                 float* part, int64_t prefetch_bytes, int64_t block_size) {
-  constexpr int64_t D = 32 * NV;
-  for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
-  for (int64_t t0 = 0; t0 < L; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, L - t0);
-    for (int64_t u = 0; u < 16; u++) {
-      if (u >= n) {
-        for (int64_t g = 0; g < G; g++) _mm512_storeu_ps(part + 16 * (g * 16 + u), _mm512_setzero_ps());
-        continue;
-      }
-      const int64_t t = t0 + u;
-      if (prefetch_bytes && t + block_size < L) {
-        prefetch(kc + at[t + block_size], prefetch_bytes);
-        prefetch(vc + at[t + block_size], prefetch_bytes);
-      }
-      __m512bh kv[NV];
-      for (int v = 0; v < NV; v++) kv[v] = (__m512bh)_mm512_loadu_si512(kc + at[t] + 32 * v);
-      for (int64_t g = 0; g < G; g++) {
-        __m512 s = _mm512_setzero_ps();
-        for (int v = 0; v < NV; v++) s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(q + g * D + 32 * v), kv[v]);
-        _mm512_storeu_ps(part + 16 * (g * 16 + u), s);
-      }
-    }
-    for (int64_t g = 0; g < G; g++) {
-      __m256 h[16];
-      for (int u = 0; u < 16; u++) {
-        const __m512 s = _mm512_loadu_ps(part + 16 * (g * 16 + u));
-        h[u] = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-      }
-      alignas(64) float s[16];
-      _mm256_store_ps(s, _mm256_mul_ps(sums8(h), _mm256_set1_ps(scale)));
-      _mm256_store_ps(s + 8, _mm256_mul_ps(sums8(h + 8), _mm256_set1_ps(scale)));
-      for (int64_t u = 0; u < n; u++) {
-        p[g * L + t0 + u] = s[u];
-        mx[g] = std::max(mx[g], s[u]);
-      }
-    }
-  }
-}
-
-// out_g = sum_t p[g * L + t] * v_t / sum[g] for the G heads of one KV head (out [G, D], values
-// v_t = vc + at[t]). Tokens go in pairs: a pair's values interleaved once (vbuf), then each
-// head's bf16 weight pair is broadcast against them. The interleave works within 128-bit lanes,
-// so accumulator w's lane 4k + i holds dim 32 (w / 2) + 8k + 4 (w % 2) + i.
-template <int NV>
-BF16_DOT_TARGET void values_bf16(const float* p, const float* sum, const c10::BFloat16* vc, const int64_t* at,
-                                 int64_t L, int64_t G, uint16_t* vbuf, uint16_t* pb, c10::BFloat16* out) {
-  constexpr int64_t D = 32 * NV;
-  const int64_t pairs = (L + 1) / 2;
-  for (int64_t i = 0; i < pairs; i++) {
-    const int64_t t = 2 * i;
-    for (int v = 0; v < NV; v++) {
-      const __m512i a = _mm512_loadu_si512(vc + at[t] + 32 * v);
-      const __m512i b = t + 1 < L ? _mm512_loadu_si512(vc + at[t + 1] + 32 * v) : _mm512_setzero_si512();
-      _mm512_storeu_si512(vbuf + 32 * (i * 2 * NV + 2 * v), _mm512_unpacklo_epi16(a, b));
-      _mm512_storeu_si512(vbuf + 32 * (i * 2 * NV + 2 * v + 1), _mm512_unpackhi_epi16(a, b));
-    }
-  }
-  for (int64_t g = 0; g < G; g++) {
-    const float* pg = p + g * L;
-    int64_t t = 0;
-    for (; t + 16 <= L; t += 16) _mm256_storeu_si256((__m256i*)(pb + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(pg + t)));
-    for (; t < L; t++) pb[t] = c10::BFloat16(pg[t]).x;
-    pb[L] = 0;  // an odd token's partner
-    __m512 acc[2 * NV];
-    for (int w = 0; w < 2 * NV; w++) acc[w] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < pairs; i++) {
-      int32_t pair;
-      std::memcpy(&pair, pb + 2 * i, sizeof pair);
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
-      for (int w = 0; w < 2 * NV; w++) acc[w] = _mm512_dpbf16_ps(acc[w], (__m512bh)_mm512_loadu_si512(vbuf + 32 * (i * 2 * NV + w)), pp);
-    }
-    alignas(64) float o[2 * NV * 16];
-    for (int w = 0; w < 2 * NV; w++) _mm512_store_ps(o + 16 * w, acc[w]);
-    const float inv = 1.0f / sum[g];
-    c10::BFloat16* og = out + g * D;
-    for (int w = 0; w < 2 * NV; w++)
-      for (int k = 0; k < 4; k++)
-        for (int i = 0; i < 4; i++) og[32 * (w / 2) + 8 * k + 4 * (w % 2) + i] = c10::BFloat16(o[16 * w + 4 * k + i] * inv);
-  }
-}
 
 // e^x sixteen at a time: exp8's Cephes polynomial, with AVX-512's scalef for the 2^n
 BF16_DOT_TARGET inline __m512 exp16(__m512 x) {
@@ -386,6 +299,111 @@ BF16_DOT_TARGET void silu_mul_bf16(const c10::BFloat16* gate, const c10::BFloat1
     out[i] = c10::BFloat16(static_cast<float>(c10::BFloat16(g / (1.0f + std::exp(-g)))) * static_cast<float>(up[i]));
   }
 }
+
+// lane u of the result: the sum of p[u]'s sixteen lanes, for u = 0 .. 15 in order (a butterfly:
+// 30 shuffles and 15 adds for sixteen sums, all in registers)
+BF16_DOT_TARGET inline __m512 sums16(const __m512* p) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: [p2i, p2i+1, p2i, p2i+1] partials
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane: tokens 4i .. 4i + 3, one partial each
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; i++)  // 128-bit lanes: [8i .. 8i+3 (two partials), 8i+4 .. 8i+7 (two)]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+// out_g = softmax(scale * q_g . K) V for the G query heads q [G, D] of one KV head (unscaled),
+// over its L cached tokens k_t = kc + at[t], v_t = vc + at[t] (kc, vc offset to the head), in one
+// pass of tiles of 16 tokens with flash attention's running max and sum: a tile's keys are read
+// once for the scores and its values once, while both are in L1. Scores: per token, NV dot
+// products a head into a 16-lane partial, then sums16 turns 16 tokens' partials into one
+// register. Values: a tile's tokens in pairs, interleaved once (so that a head's bf16 weight
+// pair, broadcast, multiplies both in one dot product). The interleave works within 128-bit
+// lanes, so accumulator w's lane 4k + i holds dim 32 (w / 2) + 8k + 4 (w % 2) + i. Heads go HB
+// at a time, their accumulators in registers.
+// prefetch_bytes > 0: ask for that much of each row of the next tile.
+// (Against a two-pass form, scores for all keys then values: ~25% less time where the keys are
+// in cache, as a prompt's are; about the same where they stream from DRAM.)
+template <int NV>
+BF16_DOT_TARGET void attend_tiles_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                                       const int64_t* at, int64_t L, int64_t G, float scale, c10::BFloat16* out,
+                                       int64_t prefetch_bytes) {
+  constexpr int64_t D = 32 * NV, W = 2 * NV, HB = 16 / W;
+  alignas(64) uint16_t vbuf[8 * W * 32];  // a tile's values, pairs of tokens interleaved
+  alignas(64) uint16_t pb[HB][16];        // a tile's weights in bf16
+  for (int64_t g0 = 0; g0 < G; g0 += HB) {
+    const int64_t hb = std::min(HB, G - g0);
+    __m512 acc[HB][W], lsum[HB];
+    float mx[HB];
+    for (int64_t h = 0; h < HB; h++) {
+      for (int w = 0; w < W; w++) acc[h][w] = _mm512_setzero_ps();
+      lsum[h] = _mm512_setzero_ps();
+      mx[h] = -INFINITY;
+    }
+    for (int64_t t0 = 0; t0 < L; t0 += 16) {
+      const int64_t n = std::min<int64_t>(16, L - t0);
+      const __mmask16 valid = n == 16 ? 0xffff : __mmask16((1u << n) - 1);
+      if (prefetch_bytes && g0 == 0)
+        for (int64_t u = t0 + 16, e = std::min(L, t0 + 32); u < e; u++) {
+          prefetch(kc + at[u], prefetch_bytes);
+          prefetch(vc + at[u], prefetch_bytes);
+        }
+      for (int64_t h = 0; h < hb; h++) {
+        const c10::BFloat16* qh = q + (g0 + h) * D;
+        __m512bh qv[NV];
+        for (int v = 0; v < NV; v++) qv[v] = (__m512bh)_mm512_loadu_si512(qh + 32 * v);
+        __m512 part[16];
+        for (int64_t u = 0; u < 16; u++) {
+          part[u] = _mm512_setzero_ps();
+          if (u < n)
+            for (int v = 0; v < NV; v++)
+              part[u] = _mm512_dpbf16_ps(part[u], qv[v], (__m512bh)_mm512_loadu_si512(kc + at[t0 + u] + 32 * v));
+        }
+        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                            _mm512_mul_ps(sums16(part), _mm512_set1_ps(scale)));
+        const float m = std::max(mx[h], _mm512_reduce_max_ps(s));
+        const __m512 corr = _mm512_set1_ps(std::exp(mx[h] - m));  // the running sums' rescale (0 at the first tile)
+        mx[h] = m;
+        const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+        lsum[h] = _mm512_fmadd_ps(lsum[h], corr, p);
+        for (int w = 0; w < W; w++) acc[h][w] = _mm512_mul_ps(acc[h][w], corr);
+        _mm256_store_si256((__m256i*)pb[h], (__m256i)_mm512_cvtneps_pbh(p));
+      }
+      const int64_t pairs = (n + 1) / 2;
+      for (int64_t i = 0; i < pairs; i++) {
+        const int64_t t = t0 + 2 * i;
+        for (int v = 0; v < NV; v++) {
+          const __m512i a = _mm512_loadu_si512(vc + at[t] + 32 * v);
+          const __m512i b = 2 * i + 1 < n ? _mm512_loadu_si512(vc + at[t + 1] + 32 * v) : _mm512_setzero_si512();
+          _mm512_store_si512(vbuf + 32 * (i * W + 2 * v), _mm512_unpacklo_epi16(a, b));
+          _mm512_store_si512(vbuf + 32 * (i * W + 2 * v + 1), _mm512_unpackhi_epi16(a, b));
+        }
+      }
+      for (int64_t i = 0; i < pairs; i++) {
+        __m512bh vv[W];
+        for (int w = 0; w < W; w++) vv[w] = (__m512bh)_mm512_load_si512(vbuf + 32 * (i * W + w));
+        for (int64_t h = 0; h < hb; h++) {
+          int32_t pair;
+          std::memcpy(&pair, pb[h] + 2 * i, sizeof pair);  // an odd tile's last partner: its weight is 0
+          const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+          for (int w = 0; w < W; w++) acc[h][w] = _mm512_dpbf16_ps(acc[h][w], vv[w], pp);
+        }
+      }
+    }
+    for (int64_t h = 0; h < hb; h++) {
+      alignas(64) float o[W * 16];
+      for (int w = 0; w < W; w++) _mm512_store_ps(o + 16 * w, acc[h][w]);
+      const float inv = 1.0f / _mm512_reduce_add_ps(lsum[h]);
+      c10::BFloat16* og = out + (g0 + h) * D;
+      for (int w = 0; w < W; w++)  // accumulator w's lane 4k + i: dim 32 (w / 2) + 8k + 4 (w % 2) + i
+        for (int k = 0; k < 4; k++)
+          for (int i = 0; i < 4; i++) og[32 * (w / 2) + 8 * k + 4 * (w % 2) + i] = c10::BFloat16(o[16 * w + 4 * k + i] * inv);
+    }
+  }
+}
 #else
 bool cpu_has_bf16_dot() { return false; }
 #endif
@@ -400,10 +418,11 @@ bool cpu_has_bf16_dot() { return false; }
 // from bf16 once for all of its G query heads (not once per query head), scores come eight tokens
 // at a time out of reduce8 (not one horizontal sum each), and the value pass keeps its
 // accumulators in registers: it widens a 32-float slice of every value once into a buffer, then
-// sums it for each query head with four accumulators. bf16 caches with D a multiple of 32 go to
-// scores_bf16 / values_bf16 instead where the CPU has AVX512-BF16 (14.2 -> 10.3 ms on the shape
-// above). The first pass over a task's keys prefetches every head's key and value rows a block
-// ahead: one contiguous read of whole rows, which the later passes find in L2.
+// sums it for each query head with four accumulators. The first pass over a task's keys
+// prefetches every head's key and value rows a block ahead: one contiguous read of whole rows,
+// which the later passes find in L2. bf16 caches with D a multiple of 32 go to attend_tiles_bf16
+// instead where the CPU has AVX512-BF16 (one pass, AVX512-BF16 dot products: 14.2 -> 10.3 ms on
+// the shape above in a two-pass form, and a prompt's rows ~25% faster again in tiles).
 template <typename T, int C>
 void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, int64_t block_size,
                        const int64_t* tables, int64_t table_width, const int64_t* lens, T* out, int64_t rows,
@@ -417,14 +436,10 @@ void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, in
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(max_len * nq * D, 1));
   const bool dot = std::is_same_v<T, c10::BFloat16> && C % 4 == 0 && cpu_has_bf16_dot();
   at::parallel_for(0, rows * per_row, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(nq * max_len), mx(nq), sum(nq);
+    std::vector<float> p(dot ? 0 : nq * max_len), mx(nq), sum(nq);
     std::vector<int64_t> at(max_len);  // token t's offset in the cache (its row of KV head 0)
     // the widened path's scratch: scaled queries, partial sums of 8 tokens, a value slice, running maxima
     std::vector<f8> q(dot ? 0 : nq * C), part(dot ? 0 : G * 8), vbuf(dot ? 0 : max_len * CW), mj8(dot ? 0 : G);
-    // the bf16 dot-product path's: partial sums of 16 tokens, interleaved value pairs, bf16 weights
-    // (and an odd token's zero partner)
-    std::vector<float> dot_part(dot ? G * 16 * 16 : 0);
-    std::vector<uint16_t> dot_v(dot ? (max_len + 1) * D : 0), dot_p(dot ? max_len + 1 : 0);
     for (int64_t task = begin; task < end; task++) {
       const int64_t r = task / per_row, j0 = (task % per_row) * hpt, L = lens[r];
       const int64_t* table = tables + r * table_width;
@@ -460,11 +475,8 @@ void paged_attention_c(const T* qkv, int64_t width, const T* kc, const T* vc, in
         if constexpr (std::is_same_v<T, c10::BFloat16> && C % 4 == 0) {
           if (dot) {
             const T* qg = qkv + r * width + j * G * D;  // this KV head's query heads, unscaled
-            scores_bf16<C / 4>(qg, kc + j * D, vc + j * D, at.data(), L, G, scale, pj, mj, dot_part.data(),
-                               jj == 0 ? hpt * D * sizeof(T) : 0, block_size);
-            softmax();
-            values_bf16<C / 4>(pj, sum.data() + jj * G, vc + j * D, at.data(), L, G, dot_v.data(), dot_p.data(),
-                               out + r * H * D + j * G * D);
+            attend_tiles_bf16<C / 4>(qg, kc + j * D, vc + j * D, at.data(), L, G, scale, out + r * H * D + j * G * D,
+                                     jj == 0 ? hpt * D * sizeof(T) : 0);
             continue;
           }
         }
@@ -563,7 +575,7 @@ void paged_attention(const T* qkv, int64_t width, const T* kc, const T* vc, int6
 // keys of a block up to its own position. A thread owns a range of queries and walks the pairs in
 // block order. Each block it meets is packed once: keys as bf16 pairs of dims, transposed, so that
 // a broadcast query pair scores 16 keys a lane with no horizontal sums; values as pairs of keys
-// interleaved, as values_bf16 does. Then the block's query heads go four at a time (ROWS), each
+// interleaved, as attend_tiles_bf16 does. Then the block's query heads go four at a time (ROWS), each
 // taking the block in one online-softmax step (flash attention's running max and sum, fp32
 // accumulators): four rows keep 4 x NC score chains and 4 x 2 NV value chains in flight, where
 // one row alone waits on the latency of each dot product. A query's blocks come in increasing
@@ -700,7 +712,7 @@ BF16_DOT_TARGET void block_attention_range(const c10::BFloat16* q, const c10::BF
       }
     }
   }
-  for (int64_t r = 0; r < nt * G; r++) {  // normalise; undo the value interleave (see values_bf16)
+  for (int64_t r = 0; r < nt * G; r++) {  // normalise; undo the value interleave (see attend_tiles_bf16)
     const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
     const float* ar = acc.data() + r * D;
     c10::BFloat16* og = out + (t0 * G + r) * D;
