@@ -49,7 +49,9 @@ def reference_attention(qkv, kc, vc, tables, lens, H, Hkv, scale):
 @pytest.mark.parametrize("H,Hkv,D", [(6, 2, 16), (9, 3, 64), (14, 2, 128), (4, 4, 8), (8, 2, 32)])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: a single sequence splits by KV head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_dense_attention(mod, dtype, threads, H, Hkv, D):
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])  # 0: the widened loop, as on a CPU without AVX512-BF16
+def test_paged_attention_matches_dense_attention(mod, dtype, threads, H, Hkv, D, bf16_dot, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_BF16_DOT", bf16_dot)
     torch.manual_seed(0)
     bs, nb = 4, 64
     kc, vc = torch.randn(nb, bs, Hkv, D, dtype=dtype), torch.randn(nb, bs, Hkv, D, dtype=dtype)

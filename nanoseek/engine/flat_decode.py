@@ -14,9 +14,11 @@ nn.Linear, weight-only Int8Linear or Int4Linear. `current()` checks each step th
 still the ones it read (a LoRA wrap, quantize_model or a dtype cast replaces them) and that no
 forward hook wants to see them run; otherwise the engine runs the modules.
 
-Where it can, an all-decode step goes on to the compiled form of this loop (csrc/decode.cpp via
-native.py: the same matmul kernels, the small ops as C++ loops, the paged cache attended in
-place), which agrees with this one up to the order of float sums.
+Where it can, a step goes on to the compiled form of this loop (csrc/decode.cpp via native.py:
+the same matmul kernels, the small ops as C++ loops, the paged cache attended in place), which
+agrees with this one up to the order of float sums: every decode step, and steps with prompts
+whose rows see at most NATIVE_PROMPT_KEYS keys (the engine gives this decoder steps with prompts
+only then; the modules run the others).
 """
 
 import operator
@@ -186,8 +188,8 @@ class FlatDecoder:
         return _rms_norm(x, model.norm)
 
     def compiled(self, dtype, rows, cache) -> bool:
-        """Will the compiled loop run this step (the engine hands it steps with prompts only then:
-        otherwise the modules run those, whose FFN goes in slices)?"""
+        """Does the compiled loop take this step? (The engine hands steps with prompts to this
+        decoder only then; otherwise the modules run them, whose FFN goes in slices.)"""
         return self._native(dtype, rows, cache) is not None
 
     def _native(self, dtype, rows, cache):

@@ -255,14 +255,6 @@ bool cpu_has_bf16_dot() {
   return yes && !(off && std::strcmp(off, "0") == 0);
 }
 
-// lane i: the sum of h[i]'s eight lanes
-BF16_DOT_TARGET inline __m256 sums8(const __m256* h) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-
 // e^x sixteen at a time: exp8's Cephes polynomial, with AVX-512's scalef for the 2^n
 BF16_DOT_TARGET inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
