@@ -30,6 +30,13 @@ def bf16_fast(device="cpu") -> bool:
     return True  # other accelerators (mps, xpu): bf16 is theirs to run
 
 
+def matmul_dtype(dtype: torch.dtype, device="cpu") -> torch.dtype:
+    """The dtype to multiply `dtype` activations in: fp32 for bf16 where bf16 matmuls are slow
+    (a bf16 product is exact in fp32, so only where the result rounds to bf16 can it differ),
+    else `dtype` itself. Quantized weights dequantise into it above their kernels' rows."""
+    return torch.float32 if dtype == torch.bfloat16 and not bf16_fast(device) else dtype
+
+
 def auto_precision(device="cpu") -> str:
     """'bf16' where it runs fast, else 'fp32': the default float precision for this machine."""
     return "bf16" if bf16_fast(device) else "fp32"

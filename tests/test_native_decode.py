@@ -81,11 +81,16 @@ def sources(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4", "int8 slow-bf16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_every_step_agrees_with_the_python_loop(mod, sources, monkeypatch, arch, precision):
     """Decode steps, whole prompts, a prompt's later chunk and steps that mix them all run compiled;
-    each against the Python loop (the modules' ops: SDPA for prompts) from the same cache state."""
+    each against the Python loop (the modules' ops: SDPA for prompts) from the same cache state.
+    slow-bf16: as on a CPU without bf16 matmul units, where int8 rows above the packed kernel's
+    multiply in fp32 (hardware.matmul_dtype), compiled and in Python alike."""
+    if precision.endswith("slow-bf16"):
+        monkeypatch.setattr(hardware, "_cpu_bf16", lambda: False)
+        precision = precision.split()[0]
     model = load_hf(sources[arch], "fp32" if precision in ("int8", "int4") else precision)
     if precision in ("int8", "int4"):  # bf16 activations: the int8 and int4 CPU kernels' dtype
         model = quantize_model(model, precision, dtype=torch.bfloat16, quantize_embeddings=True)

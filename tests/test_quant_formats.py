@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanoseek import hardware
 from nanoseek.checkpoint.fp8 import dequantize_fp8_blocks, quantize_fp8_blocks
 from nanoseek.quant import int4, int8
 from nanoseek.quant.layers import Fp8Embedding, Fp8Linear, Int4Linear, Int8Embedding, Int8Linear
@@ -133,6 +134,30 @@ def test_int4_groups_error_at_most_half_a_step_and_the_grid_comes_back(shape):
     assert torch.equal(p[:, 0] & 0xF, q[:, 0]) and torch.equal(p[:, 0] >> 4, q[:, 1])  # column 2i low, 2i+1 high
     with pytest.raises(ValueError, match="K=40 is not a multiple of the group size 32"):
         int4.quantize_groups(weights(4, 40))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_dequantised_matmul_runs_in_fp32_where_bf16_matmuls_are_slow(monkeypatch, fmt, fast):
+    """Above their kernels' rows, int8 and int4 weights are dequantised and multiplied: in bf16
+    where the CPU has bf16 matmul units, in fp32 where it has not (an AVX2-only CPU runs a bf16
+    matmul ~10x slower than fp32), returning bf16 either way."""
+    monkeypatch.setattr(hardware, "_cpu_bf16", lambda: fast)
+    seen, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or linear(x, w, *a))
+    w = weights(64, 96)
+    x = torch.randn(80, 96).bfloat16()  # 80 rows: above int8's PACK_MAX_M and int4's KERNEL_MAX_M
+    if fmt == "int8":
+        q, s = int8.quantize_rows(w)
+        ref = x.float() @ int8.dequantize_rows(q, s).t()
+        out = int8.weight_only_mm(x, q, s)
+    else:
+        lin = Int4Linear.from_float(w)
+        ref = x.float() @ int4.dequantize(int4.unpack_nibbles(lin.qweight), lin.weight_scale, lin.weight_min).t()
+        out = lin(x)
+    want = torch.bfloat16 if fast else torch.float32
+    assert seen == [(want, want)] and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 1e-2
 
 
 @pytest.mark.parametrize("n", [64, 40])

@@ -253,8 +253,8 @@ class FlatDecoder:
                     return None
                 if kind == 0 and id(w) in packed:
                     kind, w = 3, packed[id(w)]  # the same matmul, on oneDNN's copy
-                if kind == 1:  # what int8.weight_only_mm multiplies by, in the activation dtype
-                    scale = scale.to(dtype)
+                if kind == 1:  # what int8.weight_only_mm multiplies by, in its matmul dtype
+                    scale = scale.to(hardware.matmul_dtype(dtype))
                 parts.append([w, b, scale])
                 kinds.append(kind)
                 groups.append(group)

@@ -17,12 +17,15 @@ Measured here (bench/decode_parts.py, 2 threads, 3072x576, µs): M=1 kernel 36 |
 bf16 GEMM 1700-7000 (noisy) | bf16 weights 77; M=32 372 | ~2700 | 192; M=128 1814 | ~2000 |
 568; M=256 3056 | ~2500 | 1058. The kernel's time grows linearly with M (a GEMV loop): it is
 the fast path for batch-1 decode, and beats dequantising up to ~128 rows; above KERNEL_MAX_M rows (prefill chunks) the weights are
-dequantised into the activation dtype and multiplied there. At every M > ~16 bf16 weights are
+dequantised into the activation dtype and multiplied there (fp32 for bf16 activations on a CPU
+whose bf16 matmuls are slow: hardware.matmul_dtype). At every M > ~16 bf16 weights are
 faster: int4 trades batch throughput for batch-1 speed and size.
 """
 
 import torch
 import torch.nn.functional as F
+
+from nanoseek import hardware
 
 GROUP = 32
 QMAX = 15
@@ -91,4 +94,5 @@ def weight_only_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
     if kernel is not None and M <= KERNEL_MAX_M:
         group = x.shape[1] // scale.shape[1]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), kernel[0], group, kernel[1])
-    return F.linear(x, dequantize_packed(packed, scale, lo, x.dtype))
+    dt = hardware.matmul_dtype(x.dtype, x.device)  # bf16 on a CPU without bf16 matmul units: fp32
+    return F.linear(x.to(dt), dequantize_packed(packed, scale, lo, dt)).to(x.dtype)

@@ -23,6 +23,8 @@ the activation dtype (exact: |q| <= 127) and applies the scale to the output ins
 import torch
 import torch.nn.functional as F
 
+from nanoseek import hardware
+
 QMAX = 127
 PACK_MAX_M = 8     # rows up to which _weight_int8pack_mm beats dequantise+GEMM (crossover ~16)
 PACK_K_MULTIPLE = 16  # _weight_int8pack_mm steps K by 16 (K=40: garbage, K=33: segfault)
@@ -66,8 +68,10 @@ def weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_
         if q.data_ptr() % ALIGN == 0:  # Int8Linear aligns its weight once; never copy it per call
             s = scale_x if scale_x is not None and scale_x.dtype == x.dtype else scale.view(-1).to(x.dtype)
             return torch.ops.aten._weight_int8pack_mm(aligned(x), q, s)
-    # the per-row scale factors out of the dot product: scale the N outputs, not the N*K weights
-    return F.linear(x, q.to(x.dtype)) * scale.view(-1).to(x.dtype)
+    # the per-row scale factors out of the dot product: scale the N outputs, not the N*K weights;
+    # in fp32 where bf16 matmuls are slow (hardware.matmul_dtype)
+    dt = hardware.matmul_dtype(x.dtype, x.device)
+    return (F.linear(x.to(dt), q.to(dt)) * scale.view(-1).to(dt)).to(x.dtype)
 
 
 def _int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ struct Proj {
   int64_t kind = 0;
   Tensor w;       // float weight [N, K], int8 qweight [N, K], the int4 kernel's packed weight, or oneDNN's
   Tensor bias;    // undefined when none
-  Tensor scale;   // int8: per-row scale in the activation dtype [N]; int4: the kernel's scales/zeros
+  Tensor scale;   // int8: per-row scale [N] in the matmul dtype (hardware.matmul_dtype); int4: the kernel's scales/zeros
   int64_t group = 0;        // int4 group size
   int64_t pack_max_m = 0;   // int8: rows up to which the packed kernel runs (0: never; flat_decode.py decides)
 
@@ -58,11 +58,13 @@ struct Proj {
     if (kind == 0) return at::linear(x, w, bias.defined() ? c10::optional<Tensor>(bias) : c10::nullopt);
     if (kind == 3) return onednn_linear(x, w, bias);
     if (kind == 1) {
-      // quant/int8.py weight_only_mm: the packed kernel for few bf16 rows, else q in x's dtype
+      // quant/int8.py weight_only_mm: the packed kernel for few bf16 rows, else q in the matmul
+      // dtype (the scale's: x's own, or fp32 for bf16 on a CPU without bf16 matmul units)
+      const auto dt = scale.scalar_type();
       if (x.size(0) <= pack_max_m)
-        y = at::_weight_int8pack_mm(x, w, scale);
+        y = at::_weight_int8pack_mm(x, w, scale.to(x.scalar_type()));
       else
-        y = at::linear(x, w.to(x.scalar_type())) * scale;
+        y = (at::linear(x.to(dt), w.to(dt)) * scale).to(x.scalar_type());
     } else {
       y = at::_weight_int4pack_mm_for_cpu(x, w, group, scale);  // Python checked rows <= KERNEL_MAX_M
     }
