@@ -7,13 +7,15 @@
      (engine/flat_decode.py) and the modules, interleaved in one process (same tokens checked);
   4. a 32-row bf16 decode step: as shipped, without prepacked weights, without the AVX512-BF16
      attention, and its matmuls' share;
-  5. (--only prefill) the 32 x 128-token bf16 prefill step with glibc's malloc thresholds fixed
-     (nanoseek/cpu_heap.py) and with its defaults (NANOSEEK_KEEP_HEAP=0), a fresh process each,
-     interleaved, with the minor page faults a step takes.
+  5. (--only prefill) the 32 x 128-token bf16 prefill step three ways, a fresh process each,
+     interleaved, with the minor page faults a step takes: as shipped (the compiled loop, glibc's
+     malloc thresholds fixed by nanoseek/cpu_heap.py), with glibc's default thresholds
+     (NANOSEEK_KEEP_HEAP=0), and with the prompt rows left to the modules (SDPA and the layers'
+     own forward; flat_decode.NATIVE_PROMPT_KEYS = 0).
 
     python bench/decode_parts.py [--threads 2] [--precision int4]
     python bench/decode_parts.py --only batch      # 4. alone: decode_batch_<threads>t.json
-    python bench/decode_parts.py --only prefill    # 5.: prefill_heap_<threads>t.json
+    python bench/decode_parts.py --only prefill    # 5.: prefill_step_<threads>t.json
 
 Writes bench/results/decode_parts_<threads>t.json.
 """
@@ -168,12 +170,15 @@ def batch_step(rounds=3, rows=32, prompt_len=128, warm=60, steps=20):
     return res
 
 
-def prefill_one(threads, steps=4):
-    """In this process: `steps` 32 x 128-token prefill steps after one warm-up; prints JSON."""
+def prefill_one(threads, prompt_keys, steps=4):
+    """In this process: `steps` 32 x 128-token prefill steps after one warm-up; prints JSON.
+    prompt_keys: flat_decode.NATIVE_PROMPT_KEYS for this process (0: the modules run prompts)."""
     import json
     import resource
-    from nanoseek.engine import Engine
+    from nanoseek.engine import Engine, flat_decode
     torch.set_num_threads(threads)
+    if prompt_keys is not None:
+        flat_decode.NATIVE_PROMPT_KEYS = prompt_keys
     model, tok = nanoseek.load(smollm2_path(), "bf16")
     engine = Engine(model, tok, kv_cache_gib=1.0, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(1)
@@ -192,16 +197,20 @@ def prefill_one(threads, steps=4):
     print(json.dumps({"ms": round(median(times) * 1e3, 1), "faults": int(median(faults))}))
 
 
-def prefill_heap(threads, rounds=3):
-    """prefill_one with the thresholds fixed and with glibc's defaults, rounds interleaved."""
+PREFILL_WAYS = {"shipped": ("1", []), "glibc_heap": ("0", []), "modules": ("1", ["--prompt-keys", "0"])}
+
+
+def prefill_ways(threads, rounds=3):
+    """prefill_one as shipped, with glibc's default heap thresholds, and with prompts left to the
+    modules; rounds interleaved, a fresh process each."""
     import json
     import os
     import subprocess
-    res = {"kept_ms": [], "kept_faults": [], "default_ms": [], "default_faults": []}
+    res = {f"{w}_{k}": [] for w in PREFILL_WAYS for k in ("ms", "faults")}
     for _ in range(rounds):
-        for way, flag in (("kept", "1"), ("default", "0")):
-            out = subprocess.run([sys.executable, __file__, "--only", "_prefill_one", "--threads", str(threads)],
-                                 env=dict(os.environ, NANOSEEK_KEEP_HEAP=flag), capture_output=True, text=True,
+        for way, (keep_heap, extra) in PREFILL_WAYS.items():
+            out = subprocess.run([sys.executable, __file__, "--only", "_prefill_one", "--threads", str(threads), *extra],
+                                 env=dict(os.environ, NANOSEEK_KEEP_HEAP=keep_heap), capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             res[f"{way}_ms"].append(r["ms"])
@@ -216,17 +225,18 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--only", choices=["batch", "prefill", "_prefill_one"],
                     help="batch: only the 32-row bf16 step (decode_batch_<threads>t.json); prefill: only the "
-                         "32 x 128 prefill step, malloc thresholds kept vs glibc's (prefill_heap_<threads>t.json)")
+                         "32 x 128 prefill step, as shipped / glibc's heap thresholds / prompts by the modules "
+                         "(prefill_step_<threads>t.json)")
+    ap.add_argument("--prompt-keys", type=int, help=argparse.SUPPRESS)  # _prefill_one's NATIVE_PROMPT_KEYS
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.only == "_prefill_one":
-        return prefill_one(args.threads)
+        return prefill_one(args.threads, args.prompt_keys)
     if args.only == "prefill":
-        r = prefill_heap(args.threads)
-        line = (f"32 x 128-token bf16 prefill step (medians of rounds): thresholds kept {median(r['kept_ms'])} ms "
-                f"({r['kept_ms']}, faults {r['kept_faults']}), glibc defaults {median(r['default_ms'])} ms "
-                f"({r['default_ms']}, faults {r['default_faults']})")
-        write_results(Path(args.out), f"prefill_heap_{args.threads}t", dict(machine=machine(), prefill=r), line)
+        r = prefill_ways(args.threads)
+        line = "32 x 128-token bf16 prefill step (medians of rounds): " + ", ".join(
+            f"{w} {median(r[w + '_ms'])} ms ({r[w + '_ms']}, faults {r[w + '_faults']})" for w in PREFILL_WAYS)
+        write_results(Path(args.out), f"prefill_step_{args.threads}t", dict(machine=machine(), prefill=r), line)
         return
     b = batch_step()
     batch_line = (f"32-row bf16 decode step (medians of rounds): shipped {median(b['shipped_ms'])} ms "
