@@ -62,7 +62,7 @@ struct Proj {
       // dtype (the scale's: x's own, or fp32 for bf16 on a CPU without bf16 matmul units)
       const auto dt = scale.scalar_type();
       if (x.size(0) <= pack_max_m)
-        y = at::_weight_int8pack_mm(x, w, scale.to(x.scalar_type()));
+        y = at::_weight_int8pack_mm(x, w, dt == x.scalar_type() ? scale : scale.to(x.scalar_type()));  // no dispatch per call where they agree
       else
         y = (at::linear(x.to(dt), w.to(dt)) * scale).to(x.scalar_type());
     } else {
